@@ -1,0 +1,56 @@
+"""One error shape for every API failure: `{"error": code, "detail": text}`."""
+
+from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_handler
+
+from hub.registry.selectors import NotFound
+from hub.registry.services import Conflict, Forbidden
+from hub.registry.validation import ValidationError
+
+
+def _flatten(detail) -> str:
+    if isinstance(detail, dict):
+        return "; ".join(f"{k}: {_flatten(v)}" for k, v in detail.items())
+    if isinstance(detail, list):
+        return " ".join(_flatten(v) for v in detail)
+    return str(detail)
+
+
+def error_response(code: str, detail: str, status_code: int, field: str | None = None, headers=None) -> Response:
+    body = {"error": code, "detail": detail}
+    if field:
+        body["field"] = field
+    return Response(body, status=status_code, headers=headers)
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, ValidationError):
+        code = 413 if exc.code == "upload_too_large" else 400
+        return error_response(exc.code, exc.detail, code, getattr(exc, "field", None))
+    if isinstance(exc, NotFound):
+        return error_response(exc.code, exc.detail, status.HTTP_404_NOT_FOUND)
+    if isinstance(exc, Conflict):
+        return error_response(exc.code, exc.detail, status.HTTP_409_CONFLICT)
+    if isinstance(exc, Forbidden):
+        return error_response(exc.code, exc.detail, status.HTTP_403_FORBIDDEN)
+    if isinstance(exc, DjangoValidationError):
+        return error_response("invalid", " ".join(exc.messages), status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, Http404):
+        return error_response("not_found", "Not found.", status.HTTP_404_NOT_FOUND)
+    if isinstance(exc, PermissionDenied):
+        return error_response("forbidden", "You may not do this.", status.HTTP_403_FORBIDDEN)
+    response = drf_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.APIException):
+        codes = exc.get_codes()
+        code = codes if isinstance(codes, str) else ("invalid" if isinstance(exc, exceptions.ValidationError) else exc.default_code)
+        body = {"error": code, "detail": _flatten(exc.detail)}
+        if isinstance(exc, exceptions.ValidationError) and isinstance(exc.detail, dict):
+            body["fields"] = exc.detail
+        response.data = body
+    return response

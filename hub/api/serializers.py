@@ -1,0 +1,149 @@
+from rest_framework import serializers
+
+from hub.registry.models import Adapter, BaseModel, Job, Revision, RevisionFile
+from hub.registry.selectors import refs_of
+
+
+class BaseModelSerializer(serializers.ModelSerializer):
+    successor = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    files = serializers.SerializerMethodField()
+    architectures = serializers.SerializerMethodField()
+    adapters = serializers.IntegerField(source="adapters.count", read_only=True)
+
+    class Meta:
+        model = BaseModel
+        fields = [
+            "slug", "family", "version", "weights_uri", "status", "successor", "deprecate_at", "description",
+            "sha", "architectures", "files", "adapters", "created_at",
+        ]
+        read_only_fields = ["weights_uri", "status", "successor", "deprecate_at", "sha", "created_at"]
+
+    def get_files(self, obj) -> list[dict]:
+        return [{"path": f.path, "size": f.blob.size, "sha256": f.blob.sha256} for f in obj.files.select_related("blob")]
+
+    def get_architectures(self, obj) -> list[str]:
+        return list(obj.config.get("architectures") or [])
+
+
+class BaseModelDetailSerializer(BaseModelSerializer):
+    class Meta(BaseModelSerializer.Meta):
+        fields = BaseModelSerializer.Meta.fields + ["manifest", "config"]
+
+
+class BaseModelCreateSerializer(serializers.Serializer):
+    slug = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+    family = serializers.CharField(required=False, allow_blank=True, default="")
+    version = serializers.CharField(required=False, allow_blank=True, default="")
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    files = serializers.ListField(child=serializers.FileField(), min_length=1)
+
+
+class BaseModelPatchSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = BaseModel
+        fields = ["family", "version", "description"]
+
+
+class DeprecateSerializer(serializers.Serializer):
+    successor = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class RevisionFileSerializer(serializers.ModelSerializer):
+    size = serializers.IntegerField(source="blob.size")
+    sha256 = serializers.CharField(source="blob.sha256")
+
+    class Meta:
+        model = RevisionFile
+        fields = ["path", "size", "sha256"]
+
+
+class RevisionSerializer(serializers.ModelSerializer):
+    base_model = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    parents = serializers.SerializerMethodField()
+    refs = serializers.SerializerMethodField()
+    files = RevisionFileSerializer(many=True, read_only=True)
+    job = serializers.UUIDField(source="job_id", read_only=True, allow_null=True)
+
+    class Meta:
+        model = Revision
+        fields = [
+            "sha", "kind", "message", "base_model", "params", "metrics", "parents", "refs", "files", "job",
+            "r", "lora_alpha", "target_modules", "dtype", "size", "created_at",
+        ]
+
+    def get_parents(self, obj) -> list[dict]:
+        return [{"adapter": p.adapter.repo_id, "sha": p.sha, "kind": p.kind} for p in obj.parents.select_related("adapter")]
+
+    def get_refs(self, obj) -> list[str]:
+        return refs_of(obj)
+
+
+class AdapterSerializer(serializers.ModelSerializer):
+    id = serializers.CharField(source="repo_id", read_only=True)
+    base_model = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    tags = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
+    refs = serializers.SerializerMethodField()
+    has_seeds = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Adapter
+        fields = [
+            "id", "owner", "name", "base_model", "visibility", "tags", "r", "lora_alpha", "target_modules",
+            "dtype", "size", "downloads", "refs", "has_seeds", "created_at", "updated_at",
+        ]
+
+    def get_refs(self, obj) -> dict[str, str]:
+        return {ref.name: ref.revision.sha for ref in obj.refs.select_related("revision")}
+
+    def get_has_seeds(self, obj) -> bool:
+        return obj.seeds_id is not None
+
+
+class AdapterDetailSerializer(AdapterSerializer):
+    class Meta(AdapterSerializer.Meta):
+        fields = AdapterSerializer.Meta.fields + ["description"]
+
+
+class AdapterCreateSerializer(serializers.Serializer):
+    name = serializers.RegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
+        help_text="owner/name",
+        error_messages={"invalid": "Name the adapter owner/name (letters, digits, '-', '_', '.')."},
+    )
+    base_model = serializers.CharField()
+    visibility = serializers.ChoiceField(choices=["public", "private"], default="public")
+    tags = serializers.CharField(required=False, allow_blank=True, default="", help_text="comma-separated")
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), min_length=1)
+    seeds = serializers.FileField(required=False, allow_empty_file=False)
+
+
+class AdapterPatchSerializer(serializers.Serializer):
+    visibility = serializers.ChoiceField(choices=["public", "private"], required=False)
+    description = serializers.CharField(required=False, allow_blank=True)
+    tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False)
+
+
+class JobSerializer(serializers.ModelSerializer):
+    adapter = serializers.CharField(source="adapter.repo_id", read_only=True, allow_null=True)
+    result = serializers.SerializerMethodField()
+    owner = serializers.CharField(source="owner.username", read_only=True)
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "op", "params", "status", "progress", "message", "attempts", "max_attempts", "error",
+            "adapter", "result", "owner", "created_at", "started_at", "finished_at", "heartbeat_at",
+        ]
+
+    def get_result(self, obj) -> dict | None:
+        rev = obj.result_revision
+        if rev is None:
+            return None
+        return {"adapter": rev.adapter.repo_id, "sha": rev.sha, "kind": rev.kind}
+
+
+class JobCreateSerializer(serializers.Serializer):
+    op = serializers.CharField()
+    params = serializers.DictField(required=False, default=dict)

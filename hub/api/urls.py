@@ -1,0 +1,20 @@
+from django.urls import path, re_path
+
+from . import views
+
+app_name = "api"
+
+OWNER_NAME = r"(?P<owner>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)"
+
+urlpatterns = [
+    path("me", views.Me.as_view(), name="me"),
+    path("base-models/", views.BaseModelList.as_view(), name="base-model-list"),
+    path("base-models/<str:slug>/", views.BaseModelDetail.as_view(), name="base-model-detail"),
+    path("base-models/<str:slug>/deprecate", views.BaseModelDeprecate.as_view(), name="base-model-deprecate"),
+    path("base-models/<str:slug>/files/<path:path>", views.BaseModelFile.as_view(), name="base-model-file"),
+    path("adapters/", views.AdapterList.as_view(), name="adapter-list"),
+    re_path(rf"^adapters/{OWNER_NAME}/$", views.AdapterDetail.as_view(), name="adapter-detail"),
+    re_path(rf"^adapters/{OWNER_NAME}/revisions/$", views.RevisionList.as_view(), name="revision-list"),
+    re_path(rf"^adapters/{OWNER_NAME}/lineage$", views.Lineage.as_view(), name="lineage"),
+    re_path(rf"^adapters/{OWNER_NAME}/files/(?P<path>.+)$", views.AdapterFile.as_view(), name="adapter-file"),
+]

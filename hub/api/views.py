@@ -1,0 +1,232 @@
+"""REST API v1. Views stay thin: parse, call a service or selector, serialize.
+Visibility comes from `Adapter.objects.visible_to` (see AdapterScoped)."""
+
+from django.db.models import Q
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, permissions, status
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from hub.api import serializers as s
+from hub.api.downloads import blob_response
+from hub.registry import selectors, services
+from hub.registry.models import Adapter, BaseModel
+from hub.registry.services import IncomingFile
+from hub.registry.validation import ValidationError
+
+
+def incoming(uploaded) -> IncomingFile:
+    return IncomingFile(
+        path=uploaded.name, fileobj=uploaded, sha256=getattr(uploaded, "sha256", None), size=uploaded.size
+    )
+
+
+def split_tags(raw) -> list[str]:
+    if isinstance(raw, list):
+        return [t for t in raw if t]
+    return [t.strip() for t in (raw or "").split(",") if t.strip()]
+
+
+class Me(APIView):
+    permission_classes = [permissions.IsAuthenticated]
+
+    @extend_schema(responses={200: dict})
+    def get(self, request):
+        u = request.user
+        return Response({"username": u.username, "orgs": list(u.orgs.values_list("name", flat=True)),
+                         "is_staff": u.is_staff})
+
+
+# --- base models ---------------------------------------------------------------
+
+
+class BaseModelList(generics.ListCreateAPIView):
+    queryset = BaseModel.objects.select_related("successor").prefetch_related("files__blob")
+    serializer_class = s.BaseModelSerializer
+    parser_classes = [MultiPartParser, FormParser]
+
+    def get_queryset(self):
+        qs = super().get_queryset()
+        for field in ("status", "family"):
+            if self.request.query_params.get(field):
+                qs = qs.filter(**{field: self.request.query_params[field]})
+        return qs
+
+    @extend_schema(request=s.BaseModelCreateSerializer, responses={201: s.BaseModelDetailSerializer})
+    def post(self, request):
+        if not request.user.is_staff:
+            return Response({"error": "forbidden", "detail": "Only staff may register base models."}, status=403)
+        ser = s.BaseModelCreateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        base = services.base_model_register(
+            slug=ser.validated_data["slug"], family=ser.validated_data["family"],
+            version=ser.validated_data["version"], description=ser.validated_data["description"],
+            files=[incoming(f) for f in request.FILES.getlist("files")], user=request.user,
+        )
+        return Response(s.BaseModelDetailSerializer(base).data, status=status.HTTP_201_CREATED)
+
+
+class BaseModelDetail(APIView):
+    @extend_schema(responses=s.BaseModelDetailSerializer)
+    def get(self, request, slug):
+        return Response(s.BaseModelDetailSerializer(selectors.base_model_get(slug)).data)
+
+    @extend_schema(request=s.BaseModelPatchSerializer, responses=s.BaseModelDetailSerializer)
+    def patch(self, request, slug):
+        base = selectors.base_model_get(slug)
+        if not request.user.is_staff:
+            raise services.Forbidden("Only staff may change base models.")
+        ser = s.BaseModelPatchSerializer(base, data=request.data, partial=True)
+        ser.is_valid(raise_exception=True)
+        ser.save()
+        return Response(s.BaseModelDetailSerializer(base).data)
+
+
+class BaseModelDeprecate(APIView):
+    @extend_schema(request=s.DeprecateSerializer, responses=s.BaseModelDetailSerializer)
+    def post(self, request, slug):
+        base = selectors.base_model_get(slug)
+        if not request.user.is_staff:
+            raise services.Forbidden("Only staff may deprecate base models.")
+        ser = s.DeprecateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        succ = ser.validated_data.get("successor")
+        successor = selectors.base_model_get(succ) if succ else None
+        base = services.base_model_deprecate(base=base, successor=successor, at=ser.validated_data.get("at"))
+        return Response(s.BaseModelDetailSerializer(base).data)
+
+
+# --- adapters --------------------------------------------------------------------
+
+
+class AdapterList(generics.ListAPIView):
+    serializer_class = s.AdapterSerializer
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(parameters=[
+        OpenApiParameter("base_model", str), OpenApiParameter("q", str), OpenApiParameter("tag", str),
+        OpenApiParameter("kind", str), OpenApiParameter("owner", str), OpenApiParameter("r", int),
+        OpenApiParameter("max_r", int), OpenApiParameter("target_module", str), OpenApiParameter("dtype", str),
+        OpenApiParameter("sort", str, enum=["updated", "created", "downloads", "size", "name"]),
+    ])
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        qp = self.request.query_params
+        qs = Adapter.objects.visible_to(self.request.user).select_related("base_model").prefetch_related("tags")
+        if qp.get("base_model"):
+            qs = qs.filter(base_model__slug=qp["base_model"])
+        if qp.get("owner"):
+            qs = qs.filter(owner=qp["owner"])
+        if qp.get("q"):
+            qs = qs.filter(Q(name__icontains=qp["q"]) | Q(owner__icontains=qp["q"]) | Q(description__icontains=qp["q"]))
+        if qp.get("tag"):
+            qs = qs.filter(tags__name=qp["tag"].lower())
+        if qp.get("kind"):
+            qs = qs.filter(revisions__kind=qp["kind"]).distinct()
+        if qp.get("dtype"):
+            qs = qs.filter(dtype=qp["dtype"].upper())
+        if qp.get("target_module"):
+            qs = qs.filter(target_modules__icontains=f'"{qp["target_module"]}"')
+        for key, lookup in (("r", "r"), ("max_r", "r__lte")):
+            if qp.get(key):
+                try:
+                    qs = qs.filter(**{lookup: int(qp[key])})
+                except ValueError:
+                    raise ValidationError("invalid_filter", f"{key} must be an integer.", field=key) from None
+        order = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size",
+                 "name": "name"}.get(qp.get("sort", "updated"), "-updated_at")
+        return qs.order_by(order, "id")
+
+    @extend_schema(request={"multipart/form-data": s.AdapterCreateSerializer}, responses={201: s.AdapterDetailSerializer})
+    def post(self, request):
+        if not request.user.is_authenticated:
+            raise services.Forbidden("Sign in (a token) to upload.")
+        ser = s.AdapterCreateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        owner, name = ser.validated_data["name"].split("/", 1)
+        base = BaseModel.objects.filter(slug=ser.validated_data["base_model"]).first()
+        if base is None:
+            raise ValidationError(
+                "unknown_base_model", f"Base model '{ser.validated_data['base_model']}' is not registered.",
+                field="base_model",
+            )
+        seeds = request.FILES.get("seeds")
+        services.adapter_create_from_upload(
+            owner=owner, name=name, base=base, user=request.user,
+            files=[incoming(f) for f in request.FILES.getlist("files")],
+            visibility=ser.validated_data["visibility"], tags=split_tags(ser.validated_data["tags"]),
+            description=ser.validated_data["description"], seeds=incoming(seeds) if seeds else None,
+        )
+        adapter = Adapter.objects.get(owner=owner, name=name)
+        return Response(s.AdapterDetailSerializer(adapter).data, status=status.HTTP_201_CREATED)
+
+
+class AdapterDetail(APIView):
+    @extend_schema(responses=s.AdapterDetailSerializer)
+    def get(self, request, owner, name):
+        return Response(s.AdapterDetailSerializer(selectors.adapter_get(request.user, owner, name)).data)
+
+    @extend_schema(request=s.AdapterPatchSerializer, responses=s.AdapterDetailSerializer)
+    def patch(self, request, owner, name):
+        adapter = selectors.adapter_get(request.user, owner, name)
+        services.check_can_write(request.user, adapter.owner)
+        ser = s.AdapterPatchSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = ser.validated_data
+        for field in ("visibility", "description"):
+            if field in data:
+                setattr(adapter, field, data[field])
+        adapter.save()
+        if "tags" in data:
+            services.set_tags(adapter, data["tags"])
+        return Response(s.AdapterDetailSerializer(adapter).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, owner, name):
+        adapter = selectors.adapter_get(request.user, owner, name)
+        services.check_can_write(request.user, adapter.owner)
+        services.adapter_delete(adapter=adapter)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class RevisionList(generics.ListAPIView):
+    serializer_class = s.RevisionSerializer
+
+    def get_queryset(self):
+        adapter = selectors.adapter_get(self.request.user, self.kwargs["owner"], self.kwargs["name"])
+        return adapter.revisions.select_related("base_model").prefetch_related("files__blob", "refs")
+
+
+class Lineage(APIView):
+    @extend_schema(responses=dict)
+    def get(self, request, owner, name):
+        adapter = selectors.adapter_get(request.user, owner, name)
+        return Response(selectors.lineage(request.user, adapter))
+
+
+class AdapterFile(APIView):
+    """GET/HEAD one file of a revision: streamed, Range, ETag = sha256."""
+
+    @extend_schema(parameters=[OpenApiParameter("revision", str)], responses={(200, "application/octet-stream"): bytes})
+    def get(self, request, owner, name, path):
+        adapter = selectors.adapter_get(request.user, owner, name)
+        rev = selectors.revision_resolve(adapter, request.query_params.get("revision"))
+        blob = selectors.revision_files(rev).get(path)
+        if blob is None:
+            raise selectors.NotFound("entry_not_found", f"{path} is not in revision {rev.sha[:12]} of {adapter.repo_id}.")
+        if request.method == "GET" and not request.headers.get("Range"):
+            Adapter.objects.filter(pk=adapter.pk).update(downloads=adapter.downloads + 1)
+        return blob_response(request, blob, path, {"X-Revision": rev.sha})
+
+
+class BaseModelFile(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    def get(self, request, slug, path):
+        base = selectors.base_model_get(slug)
+        f = base.files.select_related("blob").filter(path=path).first()
+        if f is None:
+            raise selectors.NotFound("entry_not_found", f"{path} is not a file of base model {slug}.")
+        return blob_response(request, f.blob, path, {"X-Revision": base.sha})

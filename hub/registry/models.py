@@ -1,0 +1,244 @@
+"""The registry's data model: who owns what, base models, adapters, their
+immutable revisions (a lineage DAG), content-addressed blobs and jobs."""
+
+import hashlib
+import secrets
+import uuid
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+
+from .querysets import AdapterQuerySet, JobQuerySet
+
+# Repo-style names: letters, digits, '-', '_', '.'; no leading dot (no "..").
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+name_validator = RegexValidator(NAME_RE, "Use letters, digits, '-', '_' or '.', starting with a letter or digit.")
+
+
+class Org(models.Model):
+    """An owner namespace shared by several users (like an HF organization)."""
+
+    name = models.CharField(max_length=96, unique=True, validators=[name_validator])
+    created_at = models.DateTimeField(auto_now_add=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="orgs")
+
+    def __str__(self):
+        return self.name
+
+
+class Membership(models.Model):
+    ROLES = [("admin", "admin"), ("write", "write")]
+    org = models.ForeignKey(Org, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=8, choices=ROLES, default="write")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["org", "user"], name="unique_membership")]
+
+
+class ApiToken(models.Model):
+    """A bearer token for hubctl and huggingface_hub. Only its sha256 is kept."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=64, default="default")
+    prefix = models.CharField(max_length=12)
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    PREFIX = "hub_"
+
+    @classmethod
+    def issue(cls, user, name="default") -> tuple["ApiToken", str]:
+        raw = cls.PREFIX + secrets.token_urlsafe(30)
+        token = cls.objects.create(user=user, name=name, prefix=raw[:12], key_hash=cls.hash(raw))
+        return token, raw
+
+    @staticmethod
+    def hash(raw: str) -> str:
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.user})"
+
+
+class Blob(models.Model):
+    """A file's bytes, stored once under its sha256."""
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    size = models.BigIntegerField()
+    key = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"{self.sha256[:12]} ({self.size} B)"
+
+
+class BaseModel(models.Model):
+    STATUS = [("active", "active"), ("deprecated", "deprecated"), ("retired", "retired")]
+
+    slug = models.CharField(max_length=96, unique=True, validators=[name_validator])
+    family = models.CharField(max_length=64, blank=True, default="")
+    version = models.CharField(max_length=32, blank=True, default="")
+    weights_uri = models.CharField(max_length=500, blank=True, default="")
+    # tensor name -> {"shape": [...], "dtype": "F32"}, read from safetensors headers
+    manifest = models.JSONField(default=dict)
+    # the HF config.json (architectures, hidden sizes): what serving systems check
+    config = models.JSONField(default=dict, blank=True)
+    # 40-hex id of the registered file set, served as the HF commit
+    sha = models.CharField(max_length=40, blank=True, default="")
+    status = models.CharField(max_length=12, choices=STATUS, default="active")
+    successor = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="predecessors")
+    deprecate_at = models.DateTimeField(null=True, blank=True)
+    description = models.TextField(blank=True, default="")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self):
+        return self.slug
+
+
+class BaseModelFile(models.Model):
+    base_model = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="files")
+    path = models.CharField(max_length=300)
+    blob = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="base_files")
+
+    class Meta:
+        ordering = ["path"]
+        constraints = [models.UniqueConstraint(fields=["base_model", "path"], name="unique_base_file")]
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=64, unique=True)
+
+    def __str__(self):
+        return self.name
+
+
+class Adapter(models.Model):
+    VISIBILITY = [("public", "public"), ("private", "private")]
+
+    owner = models.CharField(max_length=96, validators=[name_validator], db_index=True)
+    name = models.CharField(max_length=96, validators=[name_validator])
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="adapters")
+    visibility = models.CharField(max_length=8, choices=VISIBILITY, default="public")
+    tags = models.ManyToManyField(Tag, blank=True, related_name="adapters")
+    description = models.TextField(blank=True, default="")  # the model card (markdown)
+    seeds = models.ForeignKey(Blob, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    downloads = models.BigIntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # Metadata of the `main` revision, denormalised so lists can filter on what
+    # LoRAX and vLLM check before serving (rank, modules, dtype, size).
+    r = models.IntegerField(null=True, blank=True)
+    lora_alpha = models.FloatField(null=True, blank=True)
+    target_modules = models.JSONField(default=list, blank=True)
+    dtype = models.CharField(max_length=8, blank=True, default="")
+    size = models.BigIntegerField(default=0)
+
+    objects = AdapterQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="unique_adapter_name")]
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def __str__(self):
+        return self.repo_id
+
+
+class Revision(models.Model):
+    """An immutable snapshot of an adapter's files; parents form the lineage DAG."""
+
+    KINDS = [(k, k) for k in ("upload", "compeft", "merge", "transfer", "translora", "qalora")]
+
+    adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="revisions")
+    sha = models.CharField(max_length=40, db_index=True)  # HF-style commit id
+    kind = models.CharField(max_length=12, choices=KINDS, default="upload")
+    message = models.CharField(max_length=300, blank=True, default="")
+    params = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    parents = models.ManyToManyField("self", symmetrical=False, blank=True, related_name="children")
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="+")
+    job = models.ForeignKey("Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="revisions")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    # What the PEFT config and safetensors header say (see Adapter's copy).
+    r = models.IntegerField(null=True, blank=True)
+    lora_alpha = models.FloatField(null=True, blank=True)
+    target_modules = models.JSONField(default=list, blank=True)
+    dtype = models.CharField(max_length=8, blank=True, default="")
+    size = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["adapter", "sha"], name="unique_revision_sha")]
+
+    def __str__(self):
+        return f"{self.adapter}@{self.sha[:8]} ({self.kind})"
+
+
+class RevisionFile(models.Model):
+    revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="files")
+    path = models.CharField(max_length=300)
+    blob = models.ForeignKey(Blob, on_delete=models.PROTECT, related_name="revision_files")
+
+    class Meta:
+        ordering = ["path"]
+        constraints = [models.UniqueConstraint(fields=["revision", "path"], name="unique_revision_file")]
+
+
+class Ref(models.Model):
+    """A named pointer to a revision: `main`, and one per derived kind."""
+
+    adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="refs")
+    name = models.CharField(max_length=64)
+    revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="refs")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["adapter", "name"], name="unique_ref")]
+
+
+class Job(models.Model):
+    """A unit of background work. This row is the truth; the Celery message
+    only carries its id."""
+
+    STATUS = [(s, s) for s in ("queued", "running", "succeeded", "failed", "cancelled")]
+    FINISHED = ("succeeded", "failed", "cancelled")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    op = models.CharField(max_length=32, db_index=True)
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=12, choices=STATUS, default="queued", db_index=True)
+    progress = models.FloatField(default=0.0)
+    message = models.CharField(max_length=300, blank=True, default="")
+    attempts = models.IntegerField(default=0)
+    max_attempts = models.IntegerField(default=3)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    cancel_requested = models.BooleanField(default=False)
+    adapter = models.ForeignKey(Adapter, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    result_revision = models.ForeignKey(Revision, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # stage outputs of resumable ops: stage name -> blob sha256
+    checkpoints = models.JSONField(default=dict, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.op} {self.id} ({self.status})"

@@ -1,0 +1,345 @@
+"""Writes to the registry. Each service validates first, then stores blobs and
+rows together (`blob_batch` + `transaction.atomic`), so a rejected request
+leaves no row and no blob behind."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from hub.storage import blob_batch, hash_file, open_blob
+
+from . import validation
+from .models import Adapter, ApiToken, BaseModel, BaseModelFile, Blob, Org, Ref, Revision, RevisionFile, Tag
+from .querysets import owner_names
+from .validation import ValidationError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_FILES = 64
+
+
+class Conflict(Exception):
+    """The name is taken (409)."""
+
+    code = "already_exists"
+
+    def __init__(self, detail):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Forbidden(Exception):
+    """The user may see the thing but not change it (403)."""
+
+    code = "forbidden"
+
+    def __init__(self, detail):
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass
+class IncomingFile:
+    """One uploaded file: a seekable binary stream plus, when known, its hash."""
+
+    path: str
+    fileobj: BinaryIO
+    sha256: str | None = None
+    size: int | None = None
+
+    def ensure_hashed(self):
+        if self.sha256 is None or self.size is None:
+            self.sha256, self.size = hash_file(self.fileobj)
+
+
+def new_commit_sha() -> str:
+    """A 40-hex id for a revision: unique like a git commit, never reused."""
+    return hashlib.sha1(uuid.uuid4().bytes).hexdigest()
+
+
+def files_commit_sha(entries: list[tuple[str, str]]) -> str:
+    """A stable 40-hex id for a fixed file set (base models): same files, same id."""
+    h = hashlib.sha1()
+    for path, sha in sorted(entries):
+        h.update(f"{path}\0{sha}\n".encode())
+    return h.hexdigest()
+
+
+# --- owners ----------------------------------------------------------------------
+
+
+def check_can_write(user, owner: str) -> None:
+    if user is None or not user.is_authenticated:
+        raise Forbidden("Sign in (a token) to write.")
+    if user.is_superuser or owner in owner_names(user):
+        return
+    raise Forbidden(f"You may not write in the namespace '{owner}'.")
+
+
+def org_create(*, name: str, user) -> Org:
+    from django.contrib.auth import get_user_model
+
+    if get_user_model().objects.filter(username=name).exists():
+        raise Conflict(f"'{name}' is a user name.")
+    with transaction.atomic():
+        org, created = Org.objects.get_or_create(name=name)
+        if not created:
+            raise Conflict(f"Organization '{name}' exists.")
+        org.memberships.create(user=user, role="admin")
+    return org
+
+
+def token_create(*, user, name: str = "default") -> str:
+    _, raw = ApiToken.issue(user, name=name)
+    return raw
+
+
+# --- base models -----------------------------------------------------------------
+
+
+def _validate_files(files: list[IncomingFile]) -> dict[str, IncomingFile]:
+    if not files:
+        raise ValidationError("no_files", "No files were uploaded.", field="files")
+    if len(files) > MAX_FILES:
+        raise ValidationError("too_many_files", f"At most {MAX_FILES} files per upload.", field="files")
+    by_path = {}
+    for f in files:
+        path = validation.check_filename(f.path)
+        if path in by_path:
+            raise ValidationError("bad_filename", f"{path} was uploaded twice.", field="files")
+        f.path = path
+        f.ensure_hashed()
+        by_path[path] = f
+    return by_path
+
+
+def _read_header(f: IncomingFile) -> dict:
+    f.fileobj.seek(0)
+    try:
+        return validation.read_safetensors_header(f.fileobj, f.size)
+    except ValidationError as exc:
+        exc.detail = f"{f.path}: {exc.detail}"
+        exc.field = exc.field or f.path
+        raise
+    finally:
+        f.fileobj.seek(0)
+
+
+def _store_files(batch, files: dict[str, IncomingFile]) -> dict[str, Blob]:
+    return {path: batch.put(f.fileobj, f.sha256, f.size) for path, f in files.items()}
+
+
+def base_model_register(
+    *, slug: str, files: list[IncomingFile], user, family: str = "", version: str = "",
+    weights_uri: str = "", description: str = "",
+) -> BaseModel:
+    """Register a base from its HF-layout files: manifest from the safetensors headers."""
+    import json
+
+    if BaseModel.objects.filter(slug=slug).exists():
+        raise Conflict(f"Base model '{slug}' is already registered.")
+    by_path = _validate_files(files)
+    weights = [f for p, f in by_path.items() if p.endswith(".safetensors")]
+    if not weights:
+        raise ValidationError("missing_weights", "A base model needs at least one .safetensors file.", field="files")
+    manifest = {}
+    for f in weights:
+        manifest.update(validation.manifest_from_header(_read_header(f)))
+    config = {}
+    if "config.json" in by_path:
+        fobj = by_path["config.json"].fileobj
+        try:
+            config = json.loads(fobj.read().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValidationError("invalid_config", f"config.json is not valid JSON: {exc}", field="config.json")
+        finally:
+            fobj.seek(0)
+        if not isinstance(config, dict):
+            raise ValidationError("invalid_config", "config.json must be a JSON object.", field="config.json")
+    with blob_batch() as batch, transaction.atomic():
+        blobs = _store_files(batch, by_path)
+        try:
+            base = BaseModel.objects.create(
+                slug=slug, family=family, version=version, weights_uri=weights_uri or f"hub://{slug}",
+                manifest=manifest, config=config, description=description, created_by=user,
+                sha=files_commit_sha([(p, b.sha256) for p, b in blobs.items()]),
+            )
+        except IntegrityError:
+            raise Conflict(f"Base model '{slug}' is already registered.") from None
+        BaseModelFile.objects.bulk_create([BaseModelFile(base_model=base, path=p, blob=b) for p, b in blobs.items()])
+    return base
+
+
+def base_model_deprecate(*, base: BaseModel, successor: BaseModel | None, at=None) -> BaseModel:
+    if successor is not None and successor.pk == base.pk:
+        raise ValidationError("invalid_successor", "A base model cannot succeed itself.", field="successor")
+    base.status = "deprecated"
+    base.successor = successor
+    base.deprecate_at = at or timezone.now()
+    base.save(update_fields=["status", "successor", "deprecate_at"])
+    return base
+
+
+# --- adapters and revisions ------------------------------------------------------------
+
+
+@dataclass
+class CheckedAdapterFiles:
+    files: dict[str, IncomingFile]
+    summary: validation.AdapterSummary
+    config: dict
+
+
+def check_adapter_files(files: list[IncomingFile], base: BaseModel) -> CheckedAdapterFiles:
+    """Validate a PEFT folder against its base without loading any tensor."""
+    by_path = _validate_files(files)
+    if ADAPTER_CONFIG not in by_path:
+        raise ValidationError("missing_config", f"The upload has no {ADAPTER_CONFIG}.", field=ADAPTER_CONFIG)
+    if ADAPTER_WEIGHTS not in by_path:
+        raise ValidationError("missing_weights", f"The upload has no {ADAPTER_WEIGHTS}.", field=ADAPTER_WEIGHTS)
+    cfg = by_path[ADAPTER_CONFIG]
+    config = validation.validate_peft_config(cfg.fileobj.read())
+    cfg.fileobj.seek(0)
+    for path, f in by_path.items():
+        if path.endswith(".safetensors") and path != ADAPTER_WEIGHTS:
+            _read_header(f)  # any other safetensors must at least be well-formed
+    header = _read_header(by_path[ADAPTER_WEIGHTS])
+    summary = validation.check_lora_shapes(header, config, base.manifest)
+    return CheckedAdapterFiles(files=by_path, summary=summary, config=config)
+
+
+def _summary_fields(summary, size: int) -> dict:
+    return {
+        "r": summary.r,
+        "lora_alpha": summary.lora_alpha,
+        "target_modules": summary.target_modules,
+        "dtype": summary.dtype,
+        "size": size,
+    }
+
+
+def set_tags(adapter: Adapter, tags: list[str]) -> None:
+    objs = [Tag.objects.get_or_create(name=t.strip().lower())[0] for t in tags if t.strip()]
+    adapter.tags.set(objs)
+
+
+def adapter_create_from_upload(
+    *, owner: str, name: str, base: BaseModel, files: list[IncomingFile], user,
+    visibility: str = "public", tags: list[str] | None = None, description: str = "",
+    seeds: IncomingFile | None = None, message: str = "Upload",
+) -> Revision:
+    check_can_write(user, owner)
+    if Adapter.objects.filter(owner=owner, name=name).exists():
+        raise Conflict(f"{owner}/{name} already exists.")
+    checked = check_adapter_files(files, base)
+    if seeds is not None:
+        validation.validate_seeds(seeds.fileobj.read())
+        seeds.ensure_hashed()
+    with blob_batch() as batch, transaction.atomic():
+        seeds_blob = batch.put(seeds.fileobj, seeds.sha256, seeds.size) if seeds is not None else None
+        try:
+            adapter = Adapter.objects.create(
+                owner=owner, name=name, base_model=base, visibility=visibility, description=description,
+                seeds=seeds_blob, created_by=user,
+            )
+        except IntegrityError:
+            raise Conflict(f"{owner}/{name} already exists.") from None
+        set_tags(adapter, tags or [])
+        blobs = _store_files(batch, checked.files)
+        return revision_create(
+            adapter=adapter, files=blobs, kind="upload", user=user, message=message,
+            summary=checked.summary, parents=[], ref="main",
+        )
+
+
+def revision_create_from_upload(
+    *, adapter: Adapter, files: list[IncomingFile], user, message: str = "Upload",
+    keep_from: Revision | None = None, deleted: list[str] | None = None,
+) -> Revision:
+    """A new `upload` revision on an existing adapter (an HF commit, a re-push).
+
+    With `keep_from`, files not uploaded are carried over from that revision
+    (a commit changes a tree; it does not replace it), minus `deleted`.
+    """
+    check_can_write(user, adapter.owner)
+    carried: dict[str, Blob] = {}
+    if keep_from is not None:
+        gone = set(deleted or [])
+        uploaded = {f.path for f in files}
+        for rf in keep_from.files.select_related("blob"):
+            if rf.path in uploaded or rf.path in gone or any(rf.path.startswith(d.rstrip("/") + "/") for d in gone):
+                continue
+            carried[rf.path] = rf.blob
+    # Validate the resulting tree as a whole: carried files come back as streams.
+    incoming = list(files)
+    opened = []
+    for path, blob in carried.items():
+        if path in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            fh = open_blob(blob)
+            opened.append(fh)
+            incoming.append(IncomingFile(path=path, fileobj=fh, sha256=blob.sha256, size=blob.size))
+    try:
+        checked = check_adapter_files(incoming, adapter.base_model)
+        with blob_batch() as batch, transaction.atomic():
+            blobs = dict(carried)
+            blobs.update(_store_files(batch, {p: f for p, f in checked.files.items() if p not in carried}))
+            parents = [keep_from] if keep_from is not None else list(_ref_revision(adapter, "main"))
+            return revision_create(
+                adapter=adapter, files=blobs, kind="upload", user=user, message=message,
+                summary=checked.summary, parents=parents, ref="main",
+            )
+    finally:
+        for fh in opened:
+            fh.close()
+
+
+def _ref_revision(adapter: Adapter, name: str):
+    ref = Ref.objects.filter(adapter=adapter, name=name).select_related("revision").first()
+    return [ref.revision] if ref else []
+
+
+def revision_create(
+    *, adapter: Adapter, files: dict[str, Blob], kind: str, user=None, message: str = "",
+    summary=None, parents: list[Revision] = (), params: dict | None = None, metrics: dict | None = None,
+    job=None, ref: str | None = None, base: BaseModel | None = None,
+) -> Revision:
+    """Create a revision with its files and lineage; move `ref` (default: the kind) to it.
+
+    Called inside the caller's transaction; the `main` ref also refreshes the
+    adapter's denormalised metadata.
+    """
+    size = sum(b.size for b in files.values())
+    fields = _summary_fields(summary, size) if summary is not None else {"size": size}
+    with transaction.atomic():
+        rev = Revision.objects.create(
+            adapter=adapter, sha=new_commit_sha(), kind=kind, message=message[:300], params=params or {},
+            metrics=metrics or {}, base_model=base or adapter.base_model, job=job, created_by=user, **fields,
+        )
+        RevisionFile.objects.bulk_create([RevisionFile(revision=rev, path=p, blob=b) for p, b in files.items()])
+        if parents:
+            rev.parents.set(parents)
+        ref_name = ref or kind
+        Ref.objects.update_or_create(adapter=adapter, name=ref_name, defaults={"revision": rev})
+        if ref_name == "main":
+            for k, v in fields.items():
+                setattr(adapter, k, v)
+            adapter.save()
+    return rev
+
+
+def adapter_delete(*, adapter: Adapter) -> None:
+    """Delete an adapter and the blobs only it referenced."""
+    from hub.storage import delete_unreferenced
+
+    blobs = list(Blob.objects.filter(revision_files__revision__adapter=adapter).distinct())
+    if adapter.seeds_id:
+        blobs.append(adapter.seeds)
+    with transaction.atomic():
+        adapter.delete()
+    delete_unreferenced(blobs)
