@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: static checks, then pytest. Uses DATABASE_URL / REDIS_URL
+# when set (CI: the machine's PostgreSQL and Redis), embedded defaults otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+
+# Debian's chromium for the browser tests (never a tool's own browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; browser tests will fail" >&2
+  fi
+fi
+
+echo "== ruff"; "$BIN/ruff" check .
+echo "== import contracts"; "$BIN/lint-imports"
+echo "== pytest"
+exec "$BIN/pytest" -q "$@"

