@@ -13,6 +13,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 
 HUB_HOME = Path(env.str("HUB_HOME", default=str(BASE_DIR / "var"))).resolve()
+HUB_HOME.mkdir(parents=True, exist_ok=True)  # the SQLite file and blobs live here
 
 DEBUG = env.bool("DEBUG", default=False)
 # The embedded default key is only good for a laptop; `check --deploy` flags it.
