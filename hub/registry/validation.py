@@ -1,0 +1,405 @@
+"""Upload validation for the registry, from JSON headers only.
+
+The web process never imports torch (ARCHITECTURE.md, boundary 3): a
+safetensors file is checked by reading its 8-byte length and JSON header and
+applying the format's own rules (size cap, known dtypes, dtype x shape = bytes,
+contiguous offsets, exact file length); a PEFT adapter is checked by comparing
+the shapes in its header with the base model's manifest. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import BinaryIO
+
+# safetensors refuses headers above 100 MB; a header that size would also be
+# a memory-exhaustion attempt on the web process.
+MAX_HEADER_BYTES = 100_000_000
+MAX_NAME_CHARS = 255
+MAX_PATH_CHARS = 1024
+MAX_PATTERN_CHARS = 256
+PEFT_PREFIX = "base_model.model."
+WEIGHTS_FIELD = "adapter_model.safetensors"
+
+# Bits per element of every dtype safetensors 0.8 knows (sub-byte floats included).
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+ALLOWED_DOTFILES = {".gitattributes"}
+
+
+class ValidationError(Exception):
+    """An upload the hub refuses: `code` for machines, `detail` for people,
+    `field` for the form field or file concerned (the API maps it to a 4xx)."""
+
+    def __init__(self, code: str, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+# --- safetensors -------------------------------------------------------------------
+
+
+def read_safetensors_header(fileobj: BinaryIO, size: int | None = None) -> dict:
+    """Read and validate a safetensors header without reading any tensor data.
+
+    Returns the header: {name: {"dtype", "shape", "data_offsets"}}, plus
+    "__metadata__" (str -> str) when the file has one.
+    """
+    if size is None:  # fall back to the stream's own length
+        size = fileobj.seek(0, 2)
+    fileobj.seek(0)
+    if size == 0:
+        raise ValidationError("empty_file", "The file is empty (0 bytes).")
+    prefix = fileobj.read(8)
+    if len(prefix) < 8:
+        raise ValidationError("truncated_safetensors", f"The file has {size} bytes; a safetensors file starts with 8.")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise ValidationError("header_too_large", f"The header claims {n} bytes; the limit is {MAX_HEADER_BYTES}.")
+    if 8 + n > size:
+        raise ValidationError("truncated_safetensors", f"The header claims {n} bytes but the file has only {size}.")
+    raw = fileobj.read(n)
+    if len(raw) < n:
+        raise ValidationError("truncated_safetensors", f"The header claims {n} bytes but only {len(raw)} could be read.")
+    try:
+        # Duplicate keys would let two readers see different tensors: refuse them.
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValidationError("invalid_header", f"The header is not valid UTF-8 JSON: {exc}.") from None
+    if not isinstance(header, dict):
+        raise ValidationError("invalid_header", f"The header must be a JSON object, not {type(header).__name__}.")
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise ValidationError("invalid_header", "__metadata__ must map strings to strings.")
+    tensors = [(name, _tensor_info(name, info)) for name, info in header.items() if name != "__metadata__"]
+    # Like safetensors' validate(): sorted by offsets, the tensors must tile the
+    # byte buffer from 0 with no hole or overlap, and the buffer must end the file.
+    end = 0
+    for name, info in sorted(tensors, key=lambda t: tuple(t[1]["data_offsets"])):
+        begin, stop = info["data_offsets"]
+        if begin != end:
+            kind = "a gap" if begin > end else "an overlap"
+            raise ValidationError(
+                "bad_offsets", f"Tensor {name} starts at byte {begin} but the data before it ends at {end} ({kind})."
+            )
+        end = stop
+    if 8 + n + end != size:
+        code = "truncated_safetensors" if 8 + n + end > size else "bad_offsets"
+        why = "truncated" if code == "truncated_safetensors" else "trailing bytes after the tensors"
+        raise ValidationError(code, f"Header and tensors need {8 + n + end} bytes but the file has {size} ({why}).")
+    out = dict(tensors)
+    if meta is not None:
+        out["__metadata__"] = dict(meta)
+    return out
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_info(name: str, info) -> dict:
+    if not isinstance(info, dict):
+        raise ValidationError("invalid_header", f"Tensor {name}: the entry must be an object.")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise ValidationError("unknown_dtype", f"Tensor {name} has unknown dtype {dtype!r}.")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValidationError("invalid_header", f"Tensor {name}: shape must be a list of non-negative integers.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise ValidationError("bad_offsets", f"Tensor {name}: data_offsets must be [begin, end] byte positions.")
+    numel = math.prod(shape)
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise ValidationError("bad_offsets", f"Tensor {name}: {numel} x {dtype} does not end on a byte boundary.")
+    begin, end = offsets
+    if end - begin != bits // 8:
+        raise ValidationError(
+            "bad_offsets",
+            f"Tensor {name}: {dtype} {shape} needs {bits // 8} bytes but data_offsets {offsets} span {end - begin}.",
+        )
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+def manifest_from_header(header: dict) -> dict:
+    """name -> {"shape", "dtype"}: what a base model's manifest stores."""
+    return {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in header.items() if k != "__metadata__"}
+
+
+# --- file names ----------------------------------------------------------------------
+
+
+def check_filename(path: str) -> str:
+    """Normalise an uploaded relative path; refuse anything that could escape
+    the revision's tree or that is a pickle."""
+    def bad(why):
+        return ValidationError("bad_filename", f"{path!r} is not an acceptable file name: {why}.", field="files")
+
+    if not isinstance(path, str) or not path:
+        raise bad("it is empty")
+    path = unicodedata.normalize("NFC", path)
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise bad("it contains control characters")
+    if "\\" in path:
+        raise bad("it contains a backslash")
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        raise bad("it is absolute")
+    if len(path) > MAX_PATH_CHARS:
+        raise bad(f"it is longer than {MAX_PATH_CHARS} characters")
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if part == "":
+            raise bad("it has an empty segment")
+        if part in (".", ".."):
+            raise bad("it contains '.' or '..'")
+        if part.startswith(".") and not (i == len(parts) - 1 and part in ALLOWED_DOTFILES):
+            raise bad("hidden files are not accepted")
+        if len(part) > MAX_NAME_CHARS:
+            raise bad(f"a segment is longer than {MAX_NAME_CHARS} characters")
+    if PurePosixPath(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise ValidationError(
+            "pickle_refused",
+            f"{path} is a pickle file; pickle files can run code when they are loaded, "
+            "so the hub only accepts safetensors weights.",
+            field="files",
+        )
+    return path
+
+
+# --- PEFT config -----------------------------------------------------------------------
+
+# A quantified group that itself holds a quantifier, e.g. (a+)+: such user
+# regexes can backtrack for minutes, and the web process must not.
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
+
+
+def _config_error(detail: str, code: str = "invalid_config") -> ValidationError:
+    return ValidationError(code, detail, field="adapter_config.json")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_pattern(pattern, what: str) -> None:
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
+        raise _config_error(f"{what} must be a non-empty string of at most {MAX_PATTERN_CHARS} characters.")
+    if _NESTED_QUANTIFIER.search(pattern):
+        raise _config_error(f"{what} {pattern!r} nests quantifiers; simplify the pattern.")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise _config_error(f"{what} {pattern!r} is not a valid regex: {exc}.") from None
+
+
+def validate_peft_config(data: bytes) -> dict:
+    """Parse adapter_config.json and check the fields the hub relies on."""
+    bad = _config_error
+    try:
+        config = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"adapter_config.json is not valid JSON: {exc}.") from None
+    if not isinstance(config, dict):
+        raise bad("adapter_config.json must be a JSON object.")
+    if config.get("peft_type") != "LORA":
+        raise bad(f"peft_type is {config.get('peft_type')!r}; the hub holds LoRA adapters (\"LORA\").", "not_lora")
+    # Missing r / lora_alpha mean PEFT's defaults; present ones must be well typed.
+    if "r" in config and not (_is_int(config["r"]) and config["r"] > 0):
+        raise bad(f"r must be a positive integer, got {config['r']!r}.")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise bad(f"lora_alpha must be a number, got {config['lora_alpha']!r}.")
+    tm = config.get("target_modules")
+    if isinstance(tm, str):
+        _check_pattern(tm, "target_modules")
+    elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
+        raise bad("target_modules must be a non-empty list of module names or a regex string.")
+    checks = (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+              ("alpha_pattern", _is_number, "numbers"))
+    for name, ok, kind in checks:
+        pattern = config.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(f"{name} must be an object mapping module patterns to {kind}.")
+        for key, value in pattern.items():
+            _check_pattern(key, f"{name} key")
+            if not ok(value):
+                raise bad(f"{name}[{key!r}] must be one of {kind}, got {value!r}.")
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if flag in config and config[flag] is not None and not isinstance(config[flag], bool):
+            raise bad(f"{flag} must be true or false, got {config[flag]!r}.")
+    return config
+
+
+# --- LoRA shapes against the base -------------------------------------------------------
+
+# q_proj.lora_A.weight, q_proj.lora_A.default.weight; embeddings have no ".weight".
+_LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<f>[AB])(?:\.(?!weight$)[^.]+)?\.weight$")
+_EMBED_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<f>[AB])(?:\.[^.]+)?$")
+# Wrappers PEFT puts around a base tensor's name in saved extra weights.
+_WRAPPER = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
+
+@dataclass
+class AdapterSummary:
+    r: int
+    lora_alpha: float
+    target_modules: list[str] = field(default_factory=list)
+    dtype: str = ""
+    n_params: int = 0
+    modules: int = 0
+
+
+def pattern_value(pattern: dict | None, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches
+    the module name as a dotted suffix (keys are regexes)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> AdapterSummary:
+    """Check every LoRA pair in an adapter header against the base's manifest."""
+    pairs: dict[str, dict[str, tuple[str, list]]] = {}  # module -> {"A"|"B": (key, shape)}
+    embeds: set[str] = set()
+    numel_by_dtype: Counter = Counter()
+    n_params = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        numel = math.prod(info["shape"])
+        n_params += numel
+        m = _LINEAR_KEY.match(key) or _EMBED_KEY.match(key)
+        if m is None:
+            _check_extra_tensor(key, info["shape"], base_manifest)
+            continue
+        module = m["module"].removeprefix(PEFT_PREFIX)
+        pairs.setdefault(module, {})[m["f"]] = (key, info["shape"])
+        if m.re is _EMBED_KEY:
+            embeds.add(module)
+        numel_by_dtype[info["dtype"]] += numel
+    if not pairs:
+        raise ValidationError("not_lora", "The weights hold no lora_A / lora_B tensor.", field=WEIGHTS_FIELD)
+
+    r = config.get("r", 8)
+    swap = bool(config.get("fan_in_fan_out"))  # GPT-2 style Conv1D stores [in, out]
+    for module, found in sorted(pairs.items()):
+        for have, miss in (("A", "B"), ("B", "A")):
+            if have in found and miss not in found:
+                raise ValidationError(
+                    "missing_tensor", f"{module} has lora_{have} but no lora_{miss}.", field=WEIGHTS_FIELD
+                )
+        base = base_manifest.get(module + ".weight")
+        if base is None:
+            raise ValidationError(
+                "unknown_module",
+                f"{module}: the base model has no weight {module}.weight; the adapter was probably trained for another base.",
+                field=WEIGHTS_FIELD,
+            )
+        rank = pattern_value(config.get("rank_pattern"), module, r)
+        want = _expected_shapes(base["shape"], rank, embedding=module in embeds, swap=swap and module not in embeds)
+        for f in ("A", "B"):
+            shape = found[f][1]
+            if want is None or list(shape) != want[f]:
+                need = f"needs {want[f]}" if want else "cannot carry a LoRA pair"
+                raise ValidationError(
+                    "shape_mismatch",
+                    f"{module}: lora_{f} has shape {list(shape)} but the base weight {list(base['shape'])} {need}.",
+                    field=WEIGHTS_FIELD,
+                )
+    short = sorted({m.rsplit(".", 1)[-1] for m in pairs})
+    return AdapterSummary(
+        r=r, lora_alpha=config.get("lora_alpha", 8), target_modules=short,
+        dtype=numel_by_dtype.most_common(1)[0][0] if numel_by_dtype else "",
+        n_params=n_params, modules=len(pairs),
+    )
+
+
+def _expected_shapes(base_shape: list, r: int, *, embedding: bool, swap: bool) -> dict | None:
+    """The shapes of A and B for a base weight, or None if it takes no LoRA."""
+    if embedding:  # weight [num_embeddings, dim]; A: r x num_embeddings, B: dim x r
+        if len(base_shape) != 2:
+            return None
+        return {"A": [r, base_shape[0]], "B": [base_shape[1], r]}
+    if len(base_shape) == 2:
+        out_f, in_f = reversed(base_shape) if swap else base_shape
+        return {"A": [r, in_f], "B": [out_f, r]}
+    if len(base_shape) > 2:  # convolution [out, in, *kernel]: A carries the kernel, B is 1x1
+        out_f, in_f, *kernel = base_shape
+        return {"A": [r, in_f, *kernel], "B": [out_f, r] + [1] * len(kernel)}
+    return None
+
+
+def _check_extra_tensor(key: str, shape: list, base_manifest: dict) -> None:
+    """A non-LoRA tensor (modules_to_save, a saved embedding) must fit the base
+    tensor it names; tensors that name none are left alone."""
+    name = _WRAPPER.sub("", key.removeprefix(PEFT_PREFIX))
+    base = base_manifest.get(name)
+    if base is not None and list(base["shape"]) != list(shape):
+        raise ValidationError(
+            "shape_mismatch", f"{key} has shape {list(shape)} but the base tensor {name} has {list(base['shape'])}.",
+            field=WEIGHTS_FIELD,
+        )
+
+
+# --- seed examples -----------------------------------------------------------------------
+
+
+def validate_seeds(data: bytes, max_lines: int = 10000) -> int:
+    """Check the seed-examples JSONL: one {"prompt": str, "completion": str} per line."""
+    def bad(detail):
+        return ValidationError("invalid_seeds", detail, field="seeds")
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"The seeds file is not UTF-8: {exc}.") from None
+    count = 0
+    # Split on "\n" only: str.splitlines() would also split inside JSON strings
+    # that hold U+2028 or other Unicode line separators.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) carry nothing
+        count += 1
+        if count > max_lines:
+            raise bad(f"The seeds file has more than {max_lines} examples.")
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise bad(f"Line {lineno} is not valid JSON: {exc}.") from None
+        if not isinstance(row, dict):
+            raise bad(f"Line {lineno} must be a JSON object.")
+        for k in ("prompt", "completion"):
+            if not isinstance(row.get(k), str):
+                raise bad(f"Line {lineno} needs a string \"{k}\".")
+    if count == 0:
+        raise bad("The seeds file holds no example.")
+    return count
