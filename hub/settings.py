@@ -171,6 +171,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "BaseModelStatusEnum": "hub.registry.models.BaseModel.STATUS",
+        "JobStatusEnum": "hub.registry.models.Job.STATUS",
+        "VisibilityEnum": "hub.registry.models.Adapter.VISIBILITY",
+    },
 }
 
 LOGGING = {

@@ -134,7 +134,8 @@ class JobSerializer(serializers.ModelSerializer):
         model = Job
         fields = [
             "id", "op", "params", "status", "progress", "message", "attempts", "max_attempts", "error",
-            "adapter", "result", "owner", "created_at", "started_at", "finished_at", "heartbeat_at",
+            "cancel_requested", "adapter", "result", "owner", "created_at", "started_at", "finished_at",
+            "heartbeat_at",
         ]
 
     def get_result(self, obj) -> dict | None:
@@ -145,5 +146,5 @@ class JobSerializer(serializers.ModelSerializer):
 
 
 class JobCreateSerializer(serializers.Serializer):
-    op = serializers.CharField()
-    params = serializers.DictField(required=False, default=dict)
+    op = serializers.CharField(max_length=32, help_text="validate, compress, merge, transfer, translora, quantize")
+    params = serializers.DictField(required=False, default=dict, help_text="the op's parameters (JSON object)")

@@ -1,5 +1,6 @@
 from django.urls import path, re_path
 
+from . import jobs as job_views
 from . import views
 
 app_name = "api"
@@ -17,4 +18,8 @@ urlpatterns = [
     re_path(rf"^adapters/{OWNER_NAME}/revisions/$", views.RevisionList.as_view(), name="revision-list"),
     re_path(rf"^adapters/{OWNER_NAME}/lineage$", views.Lineage.as_view(), name="lineage"),
     re_path(rf"^adapters/{OWNER_NAME}/files/(?P<path>.+)$", views.AdapterFile.as_view(), name="adapter-file"),
+    re_path(rf"^adapters/{OWNER_NAME}/jobs$", job_views.AdapterJobs.as_view(), name="adapter-jobs"),
+    path("jobs/", job_views.JobList.as_view(), name="job-list"),
+    path("jobs/<str:pk>/", job_views.JobDetail.as_view(), name="job-detail"),
+    path("jobs/<str:pk>/cancel", job_views.JobCancel.as_view(), name="job-cancel"),
 ]
