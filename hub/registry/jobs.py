@@ -1,0 +1,174 @@
+"""Job services: create, cancel, re-enqueue. The Job row is the truth; a Celery
+message only carries the job's id and may be lost or delivered twice, which
+the runner's compare-and-set claim makes harmless (workers/runner.py).
+
+The web process enqueues by task name (`app.send_task("ops.<op>", [id])`) and
+never imports an op module or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from workers import catalog, knob
+
+from . import selectors
+from .models import Job
+from .services import Conflict, Forbidden, check_can_write
+
+log = logging.getLogger(__name__)
+
+MARKER_PREFIX = "hub:job-sent:"
+
+
+class JobFinished(Conflict):
+    code = "job_finished"
+
+
+# --- sending -----------------------------------------------------------------------------
+
+_redis_clients: dict = {}
+
+
+def _broker_redis():
+    """A redis client on the broker's database (the sent-markers live beside the messages)."""
+    import redis
+
+    from workers.app import app
+
+    url = app.conf.broker_url
+    client = _redis_clients.get(url)
+    if client is None:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        _redis_clients[url] = client
+    return client
+
+
+def marker_key(job_id) -> str:
+    return f"{MARKER_PREFIX}{job_id}"
+
+
+def message_pending(job_id) -> bool:
+    """Whether a message for this job was sent and not consumed yet (as far as
+    the broker remembers: a restarted Redis forgets messages and markers alike)."""
+    return bool(_broker_redis().exists(marker_key(job_id)))
+
+
+def message_consumed(job_id) -> None:
+    try:
+        _broker_redis().delete(marker_key(job_id))
+    except Exception:  # a stale marker only delays the reaper's re-send
+        log.warning("could not clear the sent-marker of job %s", job_id, exc_info=True)
+
+
+def enqueue(job: Job, countdown: float | None = None) -> bool:
+    """Send the job's message. Failure is logged, not raised: the job stays
+    queued and the reaper sends it again (see workers/reaper.py)."""
+    from workers.app import app
+
+    spec = catalog.OPS.get(job.op)
+    if spec is None:
+        log.error("job %s: op %r is not registered here; not sent", job.id, job.op)
+        return False
+    try:
+        app.send_task(spec.task_name, [str(job.id)], queue=spec.queue, countdown=countdown)
+        # After the send: a crash in between costs a harmless duplicate, never a lost job.
+        ttl = int(knob("JOB_SENT_MARKER_TTL", 24 * 3600))
+        _broker_redis().set(marker_key(job.id), "1", ex=max(ttl, int(countdown or 0) + 60))
+        return True
+    except Exception:
+        log.warning("job %s: could not send to the broker; the reaper will retry", job.id, exc_info=True)
+        return False
+
+
+def enqueue_on_commit(job: Job, countdown: float | None = None) -> None:
+    transaction.on_commit(lambda: enqueue(job, countdown))
+
+
+# --- services ------------------------------------------------------------------------------
+
+
+def job_create(*, user, op, params=None) -> Job:
+    """Validate the request through the catalog, create the row, enqueue on commit."""
+    if user is None or not user.is_authenticated:
+        raise Forbidden("Sign in (a token) to start a job.")
+    spec, cleaned = catalog.clean(op, params)
+    adapter = None
+    if spec.adapter_param and cleaned.get(spec.adapter_param):
+        owner, name = cleaned[spec.adapter_param].split("/", 1)
+        adapter = selectors.adapter_get(user, owner, name)  # 404 when not visible
+        check_can_write(user, adapter.owner)
+        if cleaned.get("revision"):
+            # Pin the revision now: a ref that moves later must not change the job.
+            cleaned["revision"] = selectors.revision_resolve(adapter, cleaned["revision"]).sha
+    with transaction.atomic():
+        job = Job.objects.create(
+            op=spec.name, params=cleaned, owner=user, adapter=adapter,
+            max_attempts=settings.JOB_MAX_ATTEMPTS, heartbeat_at=timezone.now(), message="Queued.",
+        )
+        enqueue_on_commit(job)
+    return job
+
+
+def job_cancel(*, job: Job) -> Job:
+    """Queued: cancelled at once. Running: flagged; the runner stops at its next
+    progress point. Finished: 409 (cancelling a cancelled job is a no-op)."""
+    now = timezone.now()
+    for _ in range(5):  # the status may move between the two updates: try again
+        if Job.objects.filter(pk=job.pk, status="queued").update(
+            status="cancelled", cancel_requested=True, finished_at=now, message="Cancelled before it started.",
+        ):
+            break
+        if Job.objects.filter(pk=job.pk, status="running").update(cancel_requested=True, message="Cancelling…"):
+            break
+        job.refresh_from_db()
+        if job.status == "cancelled":
+            break
+        if job.status in Job.FINISHED:
+            raise JobFinished(f"Job {job.id} has already {job.status}; it cannot be cancelled.")
+    job.refresh_from_db()
+    return job
+
+
+def job_requeue(*, job_id, reason: str, countdown: float | None = None, stale_before=None) -> bool:
+    """Put a running job back in the queue (its worker died or hit a transient
+    fault), if it may still be attempted. Compare-and-set: of several reapers
+    only one wins. With `stale_before`, only if its heartbeat is older."""
+    q = Q(pk=job_id, status="running", attempts__lt=F("max_attempts"), cancel_requested=False)
+    if stale_before is not None:
+        q &= Q(heartbeat_at__lt=stale_before) | Q(heartbeat_at__isnull=True)
+    with transaction.atomic():
+        n = Job.objects.filter(q).update(
+            status="queued", worker="", heartbeat_at=timezone.now(), message=reason[:300],
+        )
+        if n:
+            enqueue_on_commit(Job.objects.get(pk=job_id), countdown)
+    return bool(n)
+
+
+def job_resend(*, job_id, sent_before) -> bool:
+    """Send a queued job's message again when it may have been lost. Safe even
+    if it was not: the runner claims a job once, a second message does nothing."""
+    with transaction.atomic():
+        last_sent = Q(heartbeat_at__lt=sent_before) | Q(heartbeat_at__isnull=True, created_at__lt=sent_before)
+        n = Job.objects.filter(last_sent, pk=job_id, status="queued").update(heartbeat_at=timezone.now())
+        if n:
+            enqueue_on_commit(Job.objects.get(pk=job_id))
+    return bool(n)
+
+
+def job_retry(*, job: Job, user) -> Job:
+    """A new job with the same op and params (a finished job's row stays as it was)."""
+    if job.status not in Job.FINISHED:
+        raise Conflict(f"Job {job.id} is still {job.status}.")
+    return job_create(user=user, op=job.op, params=job.params)
+
+
+def stale_cutoff(now=None):
+    return (now or timezone.now()) - timedelta(seconds=float(settings.JOB_HEARTBEAT_TIMEOUT))

@@ -1,0 +1,92 @@
+"""The Celery app. Workers are Django processes: they read the hub's settings
+(REDIS_URL, DATABASE_URL, storage) and write the Job rows.
+
+Run (see docs/jobs.md):
+    celery -A workers.app worker -Q cpu,gpu --concurrency 1      # a worker
+    celery -A workers.app beat                                    # once per site: the reaper
+`worker_argv()` builds the first command line for `hubctl serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hub.settings")
+
+from celery import Celery  # noqa: E402
+from kombu import Exchange, Queue  # noqa: E402
+
+from workers import catalog, knob  # noqa: E402
+
+app = Celery("hub")
+# CELERY_BROKER_URL and CELERY_RESULT_BACKEND (both REDIS_URL by default).
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+# Seconds between reaper runs, and the broker's redelivery delay for a message
+# taken but never acknowledged. The latter must outlast the longest hard time
+# limit, or Redis would hand a still-running job's message to a second worker.
+REAPER_INTERVAL = float(knob("JOB_REAPER_INTERVAL", 30.0))
+VISIBILITY_TIMEOUT = max(int(knob("JOB_VISIBILITY_TIMEOUT", 6 * 3600)), int(catalog.max_time_limit() * 1.25) + 600)
+
+app.conf.update(
+    task_always_eager=False,  # never: the worker is a separate process in every setting
+    task_acks_late=True,  # ack after the task ran: a killed worker's message is redelivered
+    task_reject_on_worker_lost=True,  # ... also when only the pool child died
+    worker_prefetch_multiplier=1,  # one job per process at a time; the rest stay in Redis
+    worker_cancel_long_running_tasks_on_connection_loss=False,  # the job row, not the ack, is the truth
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    task_ignore_result=True,  # results live in the Job row
+    result_expires=24 * 3600,
+    task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in catalog.QUEUES],
+    task_default_queue="cpu",
+    task_routes={
+        **{spec.task_name: {"queue": spec.queue} for spec in catalog.OPS.values()},
+        "workers.reaper.reap": {"queue": "cpu"},
+    },
+    task_annotations={
+        spec.task_name: {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
+        for spec in catalog.OPS.values()
+    },
+    include=sorted({spec.module for spec in catalog.OPS.values()} | {"workers.reaper"}),
+    beat_schedule={
+        "reap-jobs": {
+            "task": "workers.reaper.reap",
+            "schedule": REAPER_INTERVAL,
+            # A reaper message that waited longer than one interval is stale: the next one follows.
+            "options": {"queue": "cpu", "expires": max(REAPER_INTERVAL, 1.0)},
+        },
+    },
+    worker_hijack_root_logger=False,
+)
+
+
+def worker_argv(
+    queues=("cpu", "gpu"), concurrency: int = 1, beat: bool = False, name: str | None = None,
+    loglevel: str = "INFO", schedule: str | None = None,
+) -> list[str]:
+    """The command line of one worker (for `hubctl serve` and the tests).
+
+    With beat=True the worker also runs the reaper schedule (`-B`): fine for a
+    single-node hub; production runs `celery -A workers.app beat` once instead.
+    """
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues),
+            "--concurrency", str(concurrency), "--pool", "prefork", "--loglevel", loglevel,
+            # no worker-to-worker chatter: the Job rows coordinate everything
+            "--without-mingle", "--without-gossip"]
+    if name:
+        argv += ["-n", name]
+    if beat:
+        argv += ["-B"]
+        if schedule:
+            argv += ["--schedule", schedule]
+    return argv
+
+
+def beat_argv(schedule: str | None = None, loglevel: str = "INFO") -> list[str]:
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", loglevel]
+    if schedule:
+        argv += ["--schedule", schedule]
+    return argv

@@ -1,0 +1,204 @@
+"""The ops the hub can run, by name: one name per op everywhere (REST `op`,
+`hubctl` subcommand, module `workers/ops/<name>.py`, Celery task `ops.<name>`).
+
+The web process imports this module to validate a job request before it
+creates the Job row, so it must stay free of torch and of the op modules:
+each entry only names its queue, its time limits and a params validator.
+
+Adding an op: write `workers/ops/<name>.py` (a task `ops.<name>` whose body is
+`runner.run(job_id, fn)`), then `register(OpSpec(...))` below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hub.registry.validation import ValidationError
+
+QUEUES = ("cpu", "gpu")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REV = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    queue: str  # "cpu" or "gpu" (a gpu worker without CUDA runs it on the CPU)
+    soft_time_limit: int  # seconds: the op gets SoftTimeLimitExceeded, the job fails cleanly
+    time_limit: int  # seconds: the worker child is killed
+    validate: Callable[[dict], dict]  # params -> cleaned params, or ValidationError
+    description: str = ""
+    # The param that names the adapter the job acts on ("owner/name"): the
+    # user must be able to write it, and Job.adapter points to it.
+    adapter_param: str | None = "adapter"
+    module: str = ""
+    test_only: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.queue not in QUEUES:
+            raise ValueError(f"{self.name}: queue must be one of {QUEUES}")
+        if not 0 < self.soft_time_limit < self.time_limit:
+            raise ValueError(f"{self.name}: need 0 < soft_time_limit < time_limit")
+        if not self.module:
+            object.__setattr__(self, "module", f"workers.ops.{self.name}")
+
+    @property
+    def task_name(self) -> str:
+        return f"ops.{self.name}"
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.name in OPS:
+        raise ValueError(f"op {spec.name!r} is registered twice")
+    OPS[spec.name] = spec
+    return spec
+
+
+def get(name) -> OpSpec:
+    spec = OPS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        known = ", ".join(sorted(OPS)) or "none"
+        raise ValidationError("unknown_op", f"Unknown op {name!r}; known ops: {known}.", field="op")
+    return spec
+
+
+def clean(name, params) -> tuple[OpSpec, dict]:
+    """The spec and the validated params of a job request."""
+    spec = get(name)
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ValidationError("invalid_params", "params must be a JSON object.", field="params")
+    return spec, spec.validate(dict(params))
+
+
+def max_time_limit() -> int:
+    return max((s.time_limit for s in OPS.values()), default=0)
+
+
+def test_ops_enabled() -> bool:
+    # An env var, not a setting: test fixtures set it for the test process and
+    # for the worker subprocesses alike.
+    return os.environ.get("HUB_TEST_OPS", "").strip().lower() in ("1", "true", "yes")
+
+
+# --- params helpers ------------------------------------------------------------------
+
+
+def bad(detail: str, field: str | None = None, code: str = "invalid_params") -> ValidationError:
+    return ValidationError(code, detail, field=f"params.{field}" if field else "params")
+
+
+def only(params: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise bad(f"Unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}.", unknown[0])
+
+
+def repo_id(params: dict, key: str = "adapter", required: bool = True) -> str | None:
+    value = params.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not REPO_ID.match(value):
+        raise bad(f"{key} must name an adapter as \"owner/name\", got {value!r}.", key)
+    return value
+
+
+def revision(params: dict, key: str = "revision") -> str | None:
+    value = params.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not REV.match(value):
+        raise bad(f"{key} must be a ref name or a commit id, got {value!r}.", key)
+    return value
+
+
+def number(params: dict, key: str, default, lo: float, hi: float, integer: bool = False):
+    value = params.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise bad(f"{key} must be {kind} between {lo} and {hi}, got {value!r}.", key)
+    return int(value) if integer else float(value)
+
+
+# --- the ops -----------------------------------------------------------------------------
+
+
+def _validate_params(params: dict) -> dict:
+    only(params, {"adapter", "revision"})
+    out = {"adapter": repo_id(params)}
+    rev = revision(params)
+    if rev:
+        out["revision"] = rev
+    return out
+
+
+register(OpSpec(
+    name="validate", queue="cpu", soft_time_limit=1800, time_limit=2100, validate=_validate_params,
+    description="Re-hash every blob of a revision and re-check its safetensors header and LoRA shapes "
+                "against the base model. Creates no revision.",
+))
+
+
+# Test-only ops: the engine's own tests drive the runner with them
+# (workers/ops/testing.py). Never registered in a served hub unless asked.
+
+def _sleep_params(params: dict) -> dict:
+    only(params, {"seconds", "steps", "adapter"})
+    out = {"seconds": number(params, "seconds", 1.0, 0, 120), "steps": number(params, "steps", 10, 1, 10000, True)}
+    if params.get("adapter") is not None:
+        out["adapter"] = repo_id(params)
+    return out
+
+
+def _fail_params(params: dict) -> dict:
+    only(params, {"kind", "seconds", "adapter"})
+    kind = params.get("kind", "user")
+    if kind not in ("user", "transient", "bug"):
+        raise bad(f"kind must be user, transient or bug, got {kind!r}.", "kind")
+    out = {"kind": kind, "seconds": number(params, "seconds", 0.0, 0, 60)}
+    if params.get("adapter") is not None:
+        out["adapter"] = repo_id(params)
+    return out
+
+
+def _touch_params(params: dict) -> dict:
+    only(params, {"adapter", "seconds", "steps"})
+    return {
+        "adapter": repo_id(params),
+        "seconds": number(params, "seconds", 0.0, 0, 120),
+        "steps": number(params, "steps", 4, 1, 10000, True),
+    }
+
+
+TEST_OPS = (
+    OpSpec(name="sleep", queue="cpu", soft_time_limit=150, time_limit=180, validate=_sleep_params,
+           description="Test op: sleep in steps, reporting progress.", module="workers.ops.testing", test_only=True),
+    OpSpec(name="fail", queue="cpu", soft_time_limit=150, time_limit=180, validate=_fail_params,
+           description="Test op: raise a user error, a transient fault or a bug.", module="workers.ops.testing",
+           test_only=True),
+    OpSpec(name="touch", queue="gpu", soft_time_limit=150, time_limit=180, validate=_touch_params,
+           description="Test op: copy the adapter's main revision into a new `merge` revision.",
+           module="workers.ops.testing", test_only=True),
+)
+
+
+def register_test_ops() -> None:
+    """Idempotent; the worker registers them at import when HUB_TEST_OPS=1."""
+    for spec in TEST_OPS:
+        OPS.setdefault(spec.name, spec)
+
+
+if test_ops_enabled():
+    register_test_ops()

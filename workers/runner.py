@@ -1,0 +1,486 @@
+"""The job runner every op uses: claim, run, record.
+
+A Celery task receives only a job id and calls `run(job_id, fn)`:
+
+1. claim the Job by compare-and-set (queued, or running with a stale
+   heartbeat, and attempts left): a second message for the same job, or one
+   for a finished job, does nothing;
+2. call `fn(ctx)` with a `JobContext` (progress, cancellation, heartbeats,
+   inputs from the blob store, stage checkpoints, a scratch directory);
+3. record the outcome. A `RevisionOutput` becomes blobs + a Revision + the
+   job's `succeeded` in ONE transaction that first re-checks the job is still
+   ours, so a retried job never leaves two result revisions; a `Done` (or
+   None) only finishes the job with a message (metrics-only ops).
+
+Errors: user errors (AdapterError, ValidationError, OpError, NotFound) fail
+the job with a one-line message; transient faults (database, Redis, storage)
+put it back in the queue with backoff while attempts remain; anything else is
+a bug: the job fails with a short message and the traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
+
+from adapters_ops.errors import AdapterError
+from hub.registry import jobs, selectors, services, validation
+from hub.registry.models import Adapter, BaseModel, Blob, Job, Revision
+from hub.registry.selectors import NotFound
+from hub.registry.services import Forbidden
+from hub.registry.validation import ValidationError
+from hub.storage import blob_batch, copy_to_path, delete_unreferenced
+from workers import catalog, knob
+
+log = logging.getLogger("workers.runner")
+
+
+# --- what ops raise and return ----------------------------------------------------------
+
+
+class Cancelled(Exception):
+    """The owner asked to cancel; raised at the op's next progress point."""
+
+
+class LostClaim(Exception):
+    """The job is no longer ours (the reaper gave it to another worker)."""
+
+
+class OpError(Exception):
+    """A user error found while running (bad input, nothing to retry)."""
+
+    def __init__(self, detail: str, code: str = "op_failed"):
+        super().__init__(detail)
+        self.detail = detail
+        self.code = code
+
+
+USER_ERRORS = (OpError, AdapterError, ValidationError, NotFound, Forbidden)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [OperationalError, InterfaceError, ConnectionError, TimeoutError, OSError]
+    try:
+        import redis.exceptions
+
+        errs += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import kombu.exceptions
+
+        errs.append(kombu.exceptions.OperationalError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import botocore.exceptions
+
+        errs += [botocore.exceptions.BotoCoreError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+
+
+@dataclass
+class RevisionOutput:
+    """An op's result that becomes a new revision of `adapter`.
+
+    `files`: path in the revision -> a local file, bytes, or a Blob already
+    stored (files carried over unchanged). `parents` are the lineage edges.
+    """
+
+    adapter: Adapter
+    files: dict[str, Path | str | bytes | Blob]
+    kind: str
+    parents: list[Revision] = field(default_factory=list)
+    message: str = ""
+    params: dict | None = None  # default: the job's params
+    metrics: dict | None = None
+    ref: str | None = None  # default: the kind
+    base: BaseModel | None = None  # default: the adapter's base
+    done_message: str = ""
+
+
+@dataclass
+class Done:
+    """A metrics-only result: the job succeeds with `message`; no revision."""
+
+    message: str = "Done."
+    metrics: dict = field(default_factory=dict)
+
+
+def one_line(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+    text = " ".join(str(detail).split())
+    return f"{code}: {text}" if code and isinstance(code, str) else text
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def heartbeat_timeout() -> float:
+    from django.conf import settings
+
+    return float(settings.JOB_HEARTBEAT_TIMEOUT)
+
+
+def heartbeat_interval() -> float:
+    return max(0.2, min(10.0, heartbeat_timeout() / 4))
+
+
+def progress_interval() -> float:
+    return float(knob("JOB_PROGRESS_INTERVAL", 0.5))
+
+
+def retry_countdown(attempt: int) -> float:
+    base = float(knob("JOB_RETRY_BACKOFF", 10.0))
+    cap = float(knob("JOB_RETRY_BACKOFF_MAX", 600.0))
+    return min(cap, base * 2 ** max(0, attempt - 1)) * (1 + random.random() / 4)  # noqa: S311 (jitter)
+
+
+# --- the context an op receives ------------------------------------------------------------
+
+
+class JobContext:
+    def __init__(self, job: Job, token: str, workdir: Path):
+        self.job = job
+        self.id = job.id
+        self.params = dict(job.params)
+        self.owner = job.owner
+        self.adapter = job.adapter
+        self.attempt = job.attempts
+        self.token = token
+        self.workdir = workdir
+        self.log = logging.getLogger(f"workers.ops.{job.op}")
+        self._fraction = 0.0
+        self._message = ""
+        self._last_write = 0.0
+        self.cancel_seen = threading.Event()
+        self.lost = threading.Event()
+
+    # -- device: a gpu-queue job on a machine without CUDA runs on the CPU --
+    @property
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    # -- progress and cancellation --
+    def ours(self):
+        return Job.objects.filter(pk=self.id, worker=self.token, status="running")
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LostClaim(f"job {self.id} was taken over")
+        if self.cancel_seen.is_set():
+            raise Cancelled()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Report progress (0..1, never backwards) and a short message. Writes
+        the row at most every JOB_PROGRESS_INTERVAL s (and at 1.0); raises
+        Cancelled if the owner asked to cancel."""
+        self._fraction = max(self._fraction, min(1.0, max(0.0, float(fraction))))
+        if message:
+            self._message = message[:300]
+        self.check()
+        now = time.monotonic()
+        if now - self._last_write < progress_interval() and self._fraction < 1.0:
+            return
+        self._last_write = now
+        try:
+            n = self.ours().filter(cancel_requested=False).update(
+                progress=Greatest(F("progress"), Value(self._fraction)), message=self._message,
+                heartbeat_at=timezone.now(),
+            )
+        except (OperationalError, InterfaceError):
+            # Progress is informative: a busy database must not fail the job.
+            log.warning("job %s: progress not recorded", self.id, exc_info=True)
+            return
+        if n == 0:
+            self._why_not_ours()
+
+    def _why_not_ours(self) -> None:
+        row = Job.objects.filter(pk=self.id).values("status", "worker", "cancel_requested").first()
+        if row and row["status"] == "running" and row["worker"] == self.token and row["cancel_requested"]:
+            self.cancel_seen.set()
+            raise Cancelled()
+        self.lost.set()
+        raise LostClaim(f"job {self.id} was taken over")
+
+    def fence(self) -> None:
+        """Inside a transaction: lock the row and make sure it is still ours and
+        not cancelled. An UPDATE first (not a SELECT) so SQLite takes its write
+        lock at once and PostgreSQL its row lock, like select_for_update."""
+        if not self.ours().filter(cancel_requested=False).update(heartbeat_at=timezone.now()):
+            self._why_not_ours()
+
+    # -- inputs --
+    def adapter_get(self, repo_id: str) -> Adapter:
+        """An adapter named in the params, as the job's owner may see it."""
+        owner, name = repo_id.split("/", 1)
+        return selectors.adapter_get(self.owner, owner, name)
+
+    def revision(self, adapter: Adapter, rev: str | None = None) -> Revision:
+        return selectors.revision_resolve(adapter, rev)
+
+    def materialize_revision(self, revision: Revision, dest: str | os.PathLike) -> Path:
+        """Copy a revision's files from the blob store into `dest` (streamed)."""
+        return self._materialize(selectors.revision_files(revision), dest)
+
+    def materialize_base(self, base: BaseModel, dest: str | os.PathLike) -> Path:
+        files = {f.path: f.blob for f in base.files.select_related("blob")}
+        return self._materialize(files, dest)
+
+    def _materialize(self, files: dict[str, Blob], dest) -> Path:
+        dest = Path(dest).resolve()
+        for path, blob in sorted(files.items()):
+            target = (dest / path).resolve()
+            if not target.is_relative_to(dest):  # paths were checked at upload; stay safe anyway
+                raise OpError(f"{path} would leave the work directory", "bad_filename")
+            copy_to_path(blob, target)
+        return dest
+
+    # -- stage checkpoints (resumable ops) --
+    def save_checkpoint(self, stage: str, data: bytes | str | os.PathLike) -> str:
+        """Store a stage's output as a blob and record it on the job; returns its sha256."""
+        with blob_batch() as batch, transaction.atomic():
+            self.fence()
+            blob = batch.put_bytes(data) if isinstance(data, bytes) else batch.put_path(data)
+            cps = dict(Job.objects.filter(pk=self.id).values_list("checkpoints", flat=True).get() or {})
+            cps[stage] = blob.sha256
+            Job.objects.filter(pk=self.id).update(checkpoints=cps)
+        return blob.sha256
+
+    def load_checkpoint(self, stage: str, dest: str | os.PathLike | None = None) -> Path | None:
+        """The stage's stored output as a local file, or None if there is none."""
+        cps = Job.objects.filter(pk=self.id).values_list("checkpoints", flat=True).get() or {}
+        blob = Blob.objects.filter(sha256=cps.get(stage, "")).first()
+        if blob is None:
+            return None
+        return copy_to_path(blob, dest or self.workdir / "checkpoints" / stage)
+
+
+# --- heartbeats ------------------------------------------------------------------------------
+
+
+class Heartbeat(threading.Thread):
+    """Keeps heartbeat_at fresh while the op computes, and notices a cancel
+    request or a lost claim even between progress points."""
+
+    def __init__(self, ctx: JobContext):
+        super().__init__(name=f"heartbeat-{ctx.id}", daemon=True)
+        self.ctx = ctx
+        self.stopped = threading.Event()
+
+    def run(self):
+        try:
+            while not self.stopped.wait(heartbeat_interval()):
+                try:
+                    n = self.ctx.ours().update(heartbeat_at=timezone.now())
+                    if n == 0:
+                        self.ctx.lost.set()
+                        return
+                    if self.ctx.ours().filter(cancel_requested=True).exists():
+                        self.ctx.cancel_seen.set()
+                except Exception:  # keep beating; the next try may succeed
+                    log.warning("job %s: heartbeat failed", self.ctx.id, exc_info=True)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def stop(self):
+        self.stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=10)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def claim(job_id, token: str) -> bool:
+    now = timezone.now()
+    cutoff = jobs.stale_cutoff(now)
+    claimable = Q(status="queued") | Q(status="running", heartbeat_at__lt=cutoff)
+    n = Job.objects.filter(claimable, pk=job_id, attempts__lt=F("max_attempts"), cancel_requested=False).update(
+        status="running", attempts=F("attempts") + 1, heartbeat_at=now, worker=token, error="",
+        started_at=Coalesce(F("started_at"), Value(now)), message="Started.",
+    )
+    return n == 1
+
+
+def worker_token(task=None) -> str:
+    host = getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
+    return f"{host}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def run(job_id, fn: Callable[[JobContext], RevisionOutput | Done | None], task=None) -> str:
+    """Run `fn` for the job if this call claims it. Returns the outcome
+    ("skipped", "succeeded", "failed", "cancelled", "requeued", "lost")."""
+    close_old_connections()
+    jobs.message_consumed(job_id)
+    token = worker_token(task)
+    try:
+        if not claim(job_id, token):
+            log.info("job %s: not claimable (finished, running elsewhere or out of attempts); skipped", job_id)
+            return "skipped"
+    except TRANSIENT_ERRORS as exc:
+        if task is not None:  # the row is untouched: let Celery send the message again later
+            raise task.retry(exc=exc, countdown=retry_countdown(task.request.retries + 1), max_retries=5) from exc
+        raise
+    job = Job.objects.select_related("owner", "adapter", "adapter__base_model").get(pk=job_id)
+    workdir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=knob("JOB_WORK_DIR", "") or None))
+    ctx = JobContext(job, token, workdir)
+    heartbeat = Heartbeat(ctx)
+    heartbeat.start()
+    log.info("job %s: %s attempt %d/%d on %s", job.id, job.op, job.attempts, job.max_attempts, token)
+    outcome = "failed"
+    try:
+        try:
+            result = fn(ctx)
+            ctx.check()  # a cancel during the last stretch still wins
+            outcome = _succeed(ctx, result)
+        finally:
+            heartbeat.stop()
+    except Cancelled:
+        outcome = _finish(ctx, "cancelled", message="Cancelled.")
+    except LostClaim:
+        log.warning("job %s: taken over by another worker; this attempt's work is dropped", job.id)
+        outcome = "lost"
+    except SoftTimeLimitExceeded:
+        spec = catalog.OPS.get(job.op)
+        limit = f" of {spec.soft_time_limit} s" if spec else ""
+        outcome = _finish(ctx, "failed", error=f"time_limit: the job ran past its time limit{limit}.")
+    except USER_ERRORS as exc:
+        outcome = _finish(ctx, "failed", error=one_line(exc))
+    except TRANSIENT_ERRORS as exc:
+        log.warning("job %s: transient fault", job.id, exc_info=True)
+        outcome = _retry_or_fail(ctx, exc)
+    except Exception as exc:
+        log.exception("job %s: %s failed with an unexpected error", job.id, job.op)
+        outcome = _finish(ctx, "failed", error=f"internal_error: {type(exc).__name__}: {one_line(exc)}"[:2000])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    log.info("job %s: %s", job.id, outcome)
+    return outcome
+
+
+def _succeed(ctx: JobContext, result) -> str:
+    job = ctx.job
+    if isinstance(result, RevisionOutput):
+        with blob_batch() as batch, transaction.atomic():
+            ctx.fence()  # first statement: the row is locked and still ours
+            blobs = {}
+            for path, src in sorted(result.files.items()):
+                path = validation.check_filename(path)
+                if isinstance(src, Blob):
+                    blobs[path] = src
+                elif isinstance(src, bytes):
+                    blobs[path] = batch.put_bytes(src)
+                else:
+                    blobs[path] = batch.put_path(src)
+            base = result.base or result.adapter.base_model
+            rev = services.revision_create(
+                adapter=result.adapter, files=blobs, kind=result.kind, user=job.owner,
+                message=result.message or f"{job.op} job {job.id}", summary=_summary(blobs, base),
+                parents=result.parents, params=job.params if result.params is None else result.params,
+                metrics=result.metrics, job=job, ref=result.ref, base=base,
+            )
+            message = result.done_message or f"Created {result.kind} revision {rev.sha[:12]}."
+            ctx.ours().update(
+                status="succeeded", progress=1.0, message=message[:300], result_revision=rev, error="",
+                finished_at=timezone.now(),
+            )
+    else:
+        done = result if isinstance(result, Done) else Done()
+        with transaction.atomic():
+            ctx.fence()
+            ctx.ours().update(status="succeeded", progress=1.0, message=done.message[:300], error="",
+                              finished_at=timezone.now())
+    drop_checkpoints(job.id)
+    return "succeeded"
+
+
+def _summary(blobs: dict[str, Blob], base: BaseModel):
+    """Revision metadata read back from the stored output, which also checks
+    the op wrote a well-formed adapter for its base (None if not a PEFT folder)."""
+    from hub.storage import open_blob
+
+    cfg, weights = blobs.get(services.ADAPTER_CONFIG), blobs.get(services.ADAPTER_WEIGHTS)
+    if cfg is None or weights is None:
+        return None
+    with open_blob(cfg) as f:
+        config = validation.validate_peft_config(f.read())
+    with open_blob(weights) as f:
+        header = validation.read_safetensors_header(f, weights.size)
+    return validation.check_lora_shapes(header, config, base.manifest)
+
+
+def _finish(ctx: JobContext, status: str, error: str = "", message: str = "") -> str:
+    if not message:
+        message = "Failed: " + error.splitlines()[0][:280] if error else status.capitalize() + "."
+    try:
+        n = ctx.ours().update(status=status, error=error, message=message[:300], finished_at=timezone.now())
+    except TRANSIENT_ERRORS:
+        # The heartbeat has stopped: the reaper re-queues the job once it is stale.
+        log.warning("job %s: could not record %s", ctx.id, status, exc_info=True)
+        return "unrecorded"
+    if not n:
+        return "lost"
+    drop_checkpoints(ctx.id)
+    return status
+
+
+def _retry_or_fail(ctx: JobContext, exc: BaseException) -> str:
+    job = ctx.job
+    if job.attempts >= job.max_attempts:
+        return _finish(ctx, "failed", error=f"transient_error: gave up after {job.attempts} attempts: "
+                       f"{type(exc).__name__}: {one_line(exc)}")
+    countdown = retry_countdown(job.attempts)
+    try:
+        n = ctx.ours().update(
+            status="queued", worker="", heartbeat_at=timezone.now(),
+            message=f"Retrying in {countdown:.0f} s after a transient fault: {one_line(exc)}"[:300],
+        )
+    except TRANSIENT_ERRORS:
+        log.warning("job %s: could not re-queue; the reaper will", job.id, exc_info=True)
+        return "unrecorded"
+    if n:
+        jobs.enqueue(job, countdown=countdown)
+        return "requeued"
+    return "lost"
+
+
+def drop_checkpoints(job_id) -> None:
+    """A finished job's checkpoint blobs go, unless something else holds them."""
+    try:
+        cps = Job.objects.filter(pk=job_id).values_list("checkpoints", flat=True).first() or {}
+        if not cps:
+            return
+        held = set()
+        for other in Job.objects.exclude(pk=job_id).exclude(status__in=Job.FINISHED).values_list(
+            "checkpoints", flat=True
+        ):
+            held.update((other or {}).values())
+        Job.objects.filter(pk=job_id).update(checkpoints={})
+        delete_unreferenced(list(Blob.objects.filter(sha256__in=set(cps.values()) - held)))
+    except Exception:  # never fail a finished job over its scratch data
+        log.warning("job %s: checkpoint clean-up failed", job_id, exc_info=True)
