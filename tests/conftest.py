@@ -75,7 +75,7 @@ def staff_api(client_for, staff_user):
 # --- tiny models (no zoo needed) ------------------------------------------------------
 
 TINY_CONFIG = dict(
-    vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
 )
 
@@ -86,9 +86,12 @@ def tiny_base_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from adapters_ops._zoo_data import save_tokenizer
+
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-base")
     LlamaForCausalLM(LlamaConfig(**TINY_CONFIG)).save_pretrained(d)
+    save_tokenizer(d)  # the zoo's character tokenizer, so ops can evaluate on seeds
     return d
 
 

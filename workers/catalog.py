@@ -35,6 +35,11 @@ class OpSpec:
     # The param that names the adapter the job acts on ("owner/name"): the
     # user must be able to write it, and Job.adapter points to it.
     adapter_param: str | None = "adapter"
+    # Params naming adapters the op only reads ("owner/name" or a list of them):
+    # they must be visible to the caller. `creates`: the param naming an adapter
+    # the op may create, whose owner namespace the caller must be able to write.
+    reads: tuple[str, ...] = ()
+    creates: str | None = None
     module: str = ""
     test_only: bool = False
     extra: dict = field(default_factory=dict)
@@ -148,6 +153,78 @@ register(OpSpec(
     name="validate", queue="cpu", soft_time_limit=1800, time_limit=2100, validate=_validate_params,
     description="Re-hash every blob of a revision and re-check its safetensors header and LoRA shapes "
                 "against the base model. Creates no revision.",
+))
+
+
+def _compress_params(params: dict) -> dict:
+    only(params, {"adapter", "revision", "density", "scope", "alpha", "tune_scale"})
+    out = {"adapter": repo_id(params), "density": number(params, "density", 0.1, 0.001, 1.0)}
+    scope = params.get("scope", "global")
+    if scope not in ("global", "tensor"):
+        raise bad(f"scope must be global or tensor, got {scope!r}.", "scope")
+    out["scope"] = scope
+    if params.get("alpha") is not None:
+        out["alpha"] = number(params, "alpha", None, 1e-12, 1e6)
+    tune = params.get("tune_scale", True)
+    if not isinstance(tune, bool):
+        raise bad("tune_scale must be true or false.", "tune_scale")
+    out["tune_scale"] = tune
+    rev = revision(params)
+    if rev:
+        out["revision"] = rev
+    return out
+
+
+register(OpSpec(
+    name="compress", queue="cpu", soft_time_limit=3600, time_limit=3900, validate=_compress_params,
+    description="ComPEFT: sparsify and ternary-quantize a revision into a compact `compeft` revision.",
+))
+
+
+# Names of adapters_ops.merge.METHODS (a test keeps the two lists equal; the
+# web process must not import torch to validate a request).
+MERGE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                 "ties_svd", "dare_ties_svd", "dare_linear_svd", "magnitude_prune_svd")
+
+
+def _merge_params(params: dict) -> dict:
+    only(params, {"adapters", "weights", "method", "density", "rank", "seed", "name", "search_weights", "budget"})
+    adapters = params.get("adapters")
+    if not isinstance(adapters, list) or not 2 <= len(adapters) <= 16:
+        raise bad("adapters must list 2 to 16 adapters as \"owner/name\".", "adapters")
+    out = {"adapters": [repo_id({"a": a}, "a") for a in adapters]}
+    if len(set(out["adapters"])) != len(adapters):
+        raise bad("adapters lists the same adapter twice.", "adapters")
+    method = params.get("method", "linear")
+    if method not in MERGE_METHODS:
+        raise bad(f"method must be one of {', '.join(MERGE_METHODS)}; got {method!r}.", "method")
+    out["method"] = method
+    weights = params.get("weights")
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != len(adapters):
+            raise bad(f"weights must list one number per adapter ({len(adapters)}).", "weights")
+        out["weights"] = [number({"w": w}, "w", None, -10, 10) for w in weights]
+    if params.get("density") is not None:
+        out["density"] = number(params, "density", None, 0.001, 1.0)
+    elif method not in ("cat", "svd", "linear"):
+        out["density"] = 0.5 if "magnitude" in method or "ties" in method else 0.7
+    if params.get("rank") is not None:
+        out["rank"] = number(params, "rank", None, 1, 4096, integer=True)
+    out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
+    out["name"] = repo_id(params, "name")
+    if params.get("search_weights") not in (None, False, True):
+        raise bad("search_weights must be true or false.", "search_weights")
+    out["search_weights"] = bool(params.get("search_weights"))
+    if out["search_weights"] and "weights" in out:
+        raise bad("Give weights or search_weights, not both.", "weights")
+    out["budget"] = number(params, "budget", 12, 2, 200, integer=True)
+    return out
+
+
+register(OpSpec(
+    name="merge", queue="cpu", soft_time_limit=3600, time_limit=3900, validate=_merge_params,
+    description="Merge adapters of one base into a new adapter (cat, svd, linear, ties, dare, ...).",
+    adapter_param=None, reads=("adapters",), creates="name",
 ))
 
 

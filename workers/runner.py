@@ -101,6 +101,34 @@ TRANSIENT_ERRORS = _transient_errors()
 
 
 @dataclass
+class NewAdapter:
+    """An adapter an op creates (merge, transfer): made in the same transaction
+    as its first revision, or reused when a retried or repeated job finds it."""
+
+    owner: str
+    name: str
+    base: BaseModel
+    visibility: str = "public"
+    description: str = ""
+    seeds: Blob | None = None
+    tags: tuple[str, ...] = ()
+
+    def get_or_create(self, user) -> Adapter:
+        services.check_can_write(user, self.owner)
+        adapter, created = Adapter.objects.get_or_create(
+            owner=self.owner, name=self.name,
+            defaults={"base_model": self.base, "visibility": self.visibility, "description": self.description,
+                      "seeds": self.seeds, "created_by": user},
+        )
+        if not created and adapter.base_model_id != self.base.pk:
+            raise OpError(f"{adapter.repo_id} exists on base {adapter.base_model.slug}, not {self.base.slug}; "
+                          "choose another name.", "already_exists")
+        if created and self.tags:
+            services.set_tags(adapter, list(self.tags))
+        return adapter
+
+
+@dataclass
 class RevisionOutput:
     """An op's result that becomes a new revision of `adapter`.
 
@@ -108,7 +136,7 @@ class RevisionOutput:
     stored (files carried over unchanged). `parents` are the lineage edges.
     """
 
-    adapter: Adapter
+    adapter: Adapter | NewAdapter
     files: dict[str, Path | str | bytes | Blob]
     kind: str
     parents: list[Revision] = field(default_factory=list)
@@ -397,9 +425,12 @@ def _succeed(ctx: JobContext, result) -> str:
                     blobs[path] = batch.put_bytes(src)
                 else:
                     blobs[path] = batch.put_path(src)
-            base = result.base or result.adapter.base_model
+            adapter = result.adapter
+            if isinstance(adapter, NewAdapter):
+                adapter = adapter.get_or_create(job.owner)
+            base = result.base or adapter.base_model
             rev = services.revision_create(
-                adapter=result.adapter, files=blobs, kind=result.kind, user=job.owner,
+                adapter=adapter, files=blobs, kind=result.kind, user=job.owner,
                 message=result.message or f"{job.op} job {job.id}", summary=_summary(blobs, base),
                 parents=result.parents, params=job.params if result.params is None else result.params,
                 metrics=result.metrics, job=job, ref=result.ref, base=base,

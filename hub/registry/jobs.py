@@ -107,6 +107,16 @@ def job_create(*, user, op, params=None) -> Job:
         if cleaned.get("revision"):
             # Pin the revision now: a ref that moves later must not change the job.
             cleaned["revision"] = selectors.revision_resolve(adapter, cleaned["revision"]).sha
+    # Inputs the op reads must be visible to the caller (404 otherwise) ...
+    for key in spec.reads:
+        value = cleaned.get(key)
+        for repo in value if isinstance(value, list) else [value] if value else []:
+            o, n = repo.split("/", 1)
+            found = selectors.adapter_get(user, o, n)
+            adapter = adapter or found
+    # ... and a name the op will create must lie in a namespace the caller may write.
+    if spec.creates and cleaned.get(spec.creates):
+        check_can_write(user, cleaned[spec.creates].split("/", 1)[0])
     with transaction.atomic():
         job = Job.objects.create(
             op=spec.name, params=cleaned, owner=user, adapter=adapter,

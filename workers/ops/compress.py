@@ -1,0 +1,64 @@
+"""`compress`: ComPEFT-compress a revision into a `compeft` revision.
+
+The revision holds the compact file (`adapter_model.compeft.safetensors`) and
+the PEFT config; `hubctl pull --compressed` decodes it on the client. When the
+adapter has seed examples and no explicit `alpha`, the scale is chosen on them
+(the paper tunes it on validation data) and both accuracies are recorded.
+"""
+
+from __future__ import annotations
+
+from workers import inputs, runner
+from workers.app import app
+
+COMPRESSED_NAME = "adapter_model.compeft.safetensors"
+
+
+def compress(ctx: runner.JobContext) -> runner.RevisionOutput:
+    from adapters_ops import compeft
+
+    p = ctx.params
+    adapter = ctx.adapter
+    source = ctx.revision(adapter, p.get("revision"))
+    ctx.progress(0.05, f"Loading {adapter.repo_id}@{source.sha[:8]}")
+    lora = inputs.load_adapter(ctx, source)
+    original_bytes = (ctx.workdir / "adapter" / "adapter_model.safetensors").stat().st_size
+    seeds = inputs.seeds(adapter) if p.get("tune_scale", True) and p.get("alpha") is None else None
+    metrics = {"density": p["density"], "scope": p["scope"]}
+    if seeds:
+        ctx.progress(0.15, f"Choosing the scale on {len(seeds)} seed examples")
+        base = inputs.base_dir(ctx, source.base_model)
+        tried = []
+
+        def score(candidate):
+            acc = inputs.seed_accuracy(base, seeds, candidate)
+            tried.append(acc)
+            ctx.progress(0.15 + 0.6 * len(tried) / 7, f"Scale candidate {len(tried)}: seed accuracy {acc:.2f}")
+            return acc
+
+        choice = compeft.choose_scale(lora, p["density"], score, scope=p["scope"])
+        packed = choice.compressed
+        metrics.update(replace_factor=choice.replace_factor, seed_accuracy=round(choice.score, 4),
+                       seed_accuracy_original=inputs.seed_accuracy(base, seeds, lora),
+                       seed_scores={str(k): v for k, v in choice.scores.items()})
+    else:
+        ctx.progress(0.3, f"Compressing at density {p['density']}")
+        packed = compeft.compress(lora, density=p["density"], alpha=p.get("alpha"), scope=p["scope"])
+        metrics["replace_factor"] = 1.0 if p.get("alpha") is None else None
+    out = ctx.workdir / COMPRESSED_NAME
+    packed.save(out)
+    ctx.progress(0.9, "Storing the compressed expert")
+    metrics.update(nbytes=out.stat().st_size, original_nbytes=original_bytes,
+                   size_ratio=round(original_bytes / out.stat().st_size, 2))
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    return runner.RevisionOutput(
+        adapter=adapter, kind="compeft", parents=[source], metrics=metrics,
+        files={COMPRESSED_NAME: out, "adapter_config.json": ctx.workdir / "adapter" / "adapter_config.json"},
+        message=f"ComPEFT density {p['density']} ({metrics['size_ratio']}x smaller)",
+        done_message=f"Compressed {metrics['size_ratio']}x ({out.stat().st_size} bytes).",
+    )
+
+
+@app.task(name="ops.compress", bind=True)
+def compress_task(self, job_id: str) -> str:
+    return runner.run(job_id, compress, task=self)

@@ -1,0 +1,86 @@
+"""`merge`: compose skills by merging adapters on one base into a new adapter.
+
+Weights are the user's, or found on the inputs' seed examples by a small
+gradient-free search (LoraHub's idea) when `search_weights` is set. When seeds
+exist, each input skill's seed accuracy is recorded for the merged adapter
+next to the single adapter's, so the lineage shows what the merge kept.
+"""
+
+from __future__ import annotations
+
+from workers import inputs, runner
+from workers.app import app
+
+
+def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
+    from adapters_ops import merge as merging
+
+    p = ctx.params
+    sources = [ctx.adapter_get(repo) for repo in p["adapters"]]
+    bases = {a.base_model.slug for a in sources}
+    if len(bases) > 1:
+        raise runner.OpError(f"The adapters sit on different bases ({', '.join(sorted(bases))}); "
+                             "merge adapters of one base, or transfer them first.", "incompatible_adapters")
+    base_model = sources[0].base_model
+    revisions = [ctx.revision(a) for a in sources]
+    loras = []
+    for i, (a, rev) in enumerate(zip(sources, revisions)):
+        ctx.progress(0.05 + 0.15 * i / len(sources), f"Loading {a.repo_id}")
+        loras.append(inputs.load_adapter(ctx, rev, name=f"in{i}"))
+    seeds = {a.repo_id: s for a in sources if (s := inputs.seeds(a))}
+    base = inputs.base_dir(ctx, base_model) if seeds else None
+
+    def skill_scores(lora) -> dict[str, float]:
+        return {repo: inputs.seed_accuracy(base, ex, lora) for repo, ex in seeds.items()}
+
+    weights = p.get("weights")
+    metrics: dict = {"method": p["method"]}
+    if p.get("search_weights"):
+        if not seeds:
+            raise runner.OpError("search_weights needs seed examples on at least one input adapter.", "no_seeds")
+        budget, tried = p.get("budget", 12), []
+
+        def score(candidate) -> float:
+            s = skill_scores(candidate)
+            tried.append(s)
+            ctx.progress(0.2 + 0.55 * len(tried) / budget, f"Weight search {len(tried)}/{budget}: "
+                         f"mean seed accuracy {sum(s.values()) / len(s):.2f}")
+            return sum(s.values()) / len(s)
+
+        found = merging.search_weights(loras, score, p["method"], budget=budget, seed=p["seed"],
+                                       density=p.get("density"), rank=p.get("rank"))
+        weights = [round(w, 4) for w in found.weights]
+        metrics["weight_search"] = {"score": found.score, "evaluations": len(found.history)}
+    weights = weights or [1.0 / len(loras)] * len(loras)
+    ctx.progress(0.8, f"Merging {len(loras)} adapters ({p['method']})")
+    result = merging.merge_with_report(loras, weights, p["method"], density=p.get("density"), rank=p.get("rank"),
+                                       seed=p["seed"])
+    merged, report = result.adapter, result.report
+    merged.config["base_model_name_or_path"] = base_model.slug
+    metrics.update(weights=list(weights), min_captured_energy=round(report.min_energy, 6),
+                   mean_captured_energy=round(report.mean_energy, 6))
+    if seeds:
+        ctx.progress(0.9, "Scoring the merged adapter on each skill's seeds")
+        metrics["seed_accuracy"] = skill_scores(merged)
+        metrics["seed_accuracy_single"] = {
+            a.repo_id: inputs.seed_accuracy(base, seeds[a.repo_id], lora)
+            for a, lora in zip(sources, loras) if a.repo_id in seeds
+        }
+    out = merged.save(ctx.workdir / "merged")
+    owner, name = p["name"].split("/", 1)
+    private = any(a.visibility == "private" for a in sources)
+    return runner.RevisionOutput(
+        adapter=runner.NewAdapter(
+            owner=owner, name=name, base=base_model, visibility="private" if private else "public",
+            description=f"Merge ({p['method']}) of " + ", ".join(a.repo_id for a in sources) + ".",
+        ),
+        kind="merge", parents=revisions, metrics=metrics, ref="main",
+        files={"adapter_config.json": out / "adapter_config.json",
+               "adapter_model.safetensors": out / "adapter_model.safetensors"},
+        message=f"{p['method']} merge of {len(sources)} adapters",
+    )
+
+
+@app.task(name="ops.merge", bind=True)
+def merge_task(self, job_id: str) -> str:
+    return runner.run(job_id, merge, task=self)
