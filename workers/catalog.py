@@ -40,6 +40,7 @@ class OpSpec:
     # the op may create, whose owner namespace the caller must be able to write.
     reads: tuple[str, ...] = ()
     creates: str | None = None
+    bases: tuple[str, ...] = ()  # params naming base model slugs that must be registered
     module: str = ""
     test_only: bool = False
     extra: dict = field(default_factory=dict)
@@ -225,6 +226,39 @@ register(OpSpec(
     name="merge", queue="cpu", soft_time_limit=3600, time_limit=3900, validate=_merge_params,
     description="Merge adapters of one base into a new adapter (cat, svd, linear, ties, dare, ...).",
     adapter_param=None, reads=("adapters",), creates="name",
+))
+
+
+def _transfer_params(params: dict) -> dict:
+    only(params, {"adapter", "revision", "target", "method", "finetune_steps", "name", "scale", "seed", "translora"})
+    out = {"adapter": repo_id(params)}
+    target = params.get("target")
+    if not isinstance(target, str) or not REV.match(target):
+        raise bad(f"target must name a registered base model slug, got {target!r}.", "target")
+    out["target"] = target
+    method = params.get("method", "auto")
+    if method not in ("diff", "translora", "auto"):
+        raise bad(f"method must be diff, translora or auto, got {method!r}.", "method")
+    out["method"] = method
+    out["finetune_steps"] = number(params, "finetune_steps", 0, 0, 10000, integer=True)
+    out["scale"] = number(params, "scale", 1.0, -10, 10)
+    out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
+    if params.get("name") is not None:
+        out["name"] = repo_id(params, "name")
+    if params.get("translora") is not None:
+        if not isinstance(params["translora"], dict):
+            raise bad("translora must be an object of Trans-LoRA settings.", "translora")
+        out["translora"] = params["translora"]
+    rev = revision(params)
+    if rev:
+        out["revision"] = rev
+    return out
+
+
+register(OpSpec(
+    name="transfer", queue="gpu", soft_time_limit=7200, time_limit=7500, validate=_transfer_params,
+    description="Move an adapter to another base: diff transfer, Trans-LoRA, or auto (diff, else Trans-LoRA).",
+    adapter_param=None, reads=("adapter",), creates="name", bases=("target",),
 ))
 
 

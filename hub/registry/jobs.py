@@ -117,6 +117,11 @@ def job_create(*, user, op, params=None) -> Job:
     # ... and a name the op will create must lie in a namespace the caller may write.
     if spec.creates and cleaned.get(spec.creates):
         check_can_write(user, cleaned[spec.creates].split("/", 1)[0])
+    elif spec.creates and adapter is not None:  # the default name lies in the input's namespace
+        check_can_write(user, adapter.owner)
+    for key in spec.bases:  # base models the op targets must be registered (404 otherwise)
+        if cleaned.get(key):
+            selectors.base_model_get(cleaned[key])
     with transaction.atomic():
         job = Job.objects.create(
             op=spec.name, params=cleaned, owner=user, adapter=adapter,

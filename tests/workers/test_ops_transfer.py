@@ -1,0 +1,72 @@
+"""The transfer job on a real worker: diff transfer to a compatible base makes
+a new adapter there with lineage to the source; an incompatible base is
+refused with a message that points at Trans-LoRA."""
+
+import pytest
+import torch
+
+from tests.conftest import TINY_CONFIG
+from tests.workers.conftest import wait_jobs
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _register(staff_user, slug, config, tmp_path, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapters_ops._zoo_data import save_tokenizer
+    from hub.registry.services import IncomingFile, base_model_register
+
+    torch.manual_seed(seed)
+    d = tmp_path / slug
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(d)
+    save_tokenizer(d)
+    files = [IncomingFile(p.name, open(p, "rb")) for p in sorted(d.iterdir()) if p.is_file()]
+    try:
+        return base_model_register(slug=slug, files=files, user=staff_user)
+    finally:
+        for f in files:
+            f.fileobj.close()
+
+
+def test_diff_transfer_and_refusal(celery_procs, user, staff_user, peft_adapter, peft_adapter_dir, tmp_path, api):
+    from adapters_ops.adapter import Adapter
+    from hub.registry.jobs import job_create
+    from hub.registry.models import Adapter as AdapterRow
+    from hub.registry.selectors import revision_resolve
+    from hub.storage import copy_to_path
+
+    _register(staff_user, "tiny-base-2", TINY_CONFIG, tmp_path, seed=5)
+    _register(staff_user, "tiny-wide", {**TINY_CONFIG, "hidden_size": 96}, tmp_path, seed=6)
+    celery_procs.worker()
+    ok = job_create(user=user, op="transfer", params={"adapter": "alice/lora", "target": "tiny-base-2",
+                                                      "method": "diff"})
+    refused = job_create(user=user, op="transfer", params={"adapter": "alice/lora", "target": "tiny-wide",
+                                                           "method": "diff"})
+    done = wait_jobs([ok.id, refused.id], timeout=120)
+    assert done[str(ok.id)].status == "succeeded", done[str(ok.id)].error
+    moved = AdapterRow.objects.get(owner="alice", name="lora-tiny-base-2")
+    assert moved.base_model.slug == "tiny-base-2"
+    rev = revision_resolve(moved, "main")
+    assert rev.kind == "transfer" and rev.base_model.slug == "tiny-base-2"
+    assert [p.sha for p in rev.parents.all()] == [revision_resolve(peft_adapter, "main").sha]
+    assert rev.metrics["method"] == "diff" and rev.metrics["compatible"] is True
+    out = tmp_path / "out"
+    for rf in rev.files.select_related("blob"):
+        copy_to_path(rf.blob, out / rf.path)
+    got, want = Adapter.load(out), Adapter.load(peft_adapter_dir)
+    assert got.config["base_model_name_or_path"] == "tiny-base-2"
+    for m in want.modules():
+        assert torch.allclose(got.delta(m), want.delta(m), atol=1e-6)
+
+    bad = done[str(refused.id)]
+    assert bad.status == "failed" and "translora" in bad.error.lower() and "q_proj" in bad.error
+    assert not AdapterRow.objects.filter(name="lora-tiny-wide").exists()
+
+    # refused at submission: unknown target, same base, bad method
+    r = api.post("/api/v1/jobs/", {"op": "transfer", "params": {"adapter": "alice/lora", "target": "nope"}},
+                 format="json")
+    assert r.status_code == 404
+    r = api.post("/api/v1/jobs/", {"op": "transfer", "params": {"adapter": "alice/lora", "target": "tiny-base-2",
+                                                                "method": "magic"}}, format="json")
+    assert r.status_code == 400 and "method" in r.json()["detail"]
