@@ -1,0 +1,97 @@
+"""The retransfer plan of a deprecated base model: which adapters move to the
+successor, by which method, and how far their transfer jobs have come.
+
+A read of the registry (selector-like); it lives in the frontend for now and
+may move to hub/registry/selectors.py. Visibility: adapters come from
+`Adapter.objects.visible_to(user)`, jobs from `Job.objects.visible_to(user)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hub.registry.models import Adapter, BaseModel, Job, Revision
+
+TRANSFER_KINDS = ("transfer", "translora")
+
+
+@dataclass
+class PlanRow:
+    adapter: Adapter
+    method: str  # "diff" (same shapes: re-apply the delta) or "translora" (shapes differ)
+    reason: str
+    jobs: list[Job] = field(default_factory=list)  # the user's transfer jobs towards the successor
+    done: Revision | None = None  # a revision of it (or derived from it) on the successor
+
+    @property
+    def state(self) -> str:
+        if self.done is not None:
+            return "transferred"
+        if any(j.status in ("queued", "running") for j in self.jobs):
+            return "in progress"
+        if any(j.status == "failed" for j in self.jobs):
+            return "failed"
+        return "planned"
+
+    @property
+    def active_job(self) -> Job | None:
+        return next((j for j in self.jobs if j.status in ("queued", "running")), None)
+
+
+def target_weights(manifest: dict, modules: list[str]) -> list[str]:
+    """Manifest keys of the weights an adapter with these target modules adapts
+    (target modules are short names such as `q_proj`, matched as a dotted suffix)."""
+    suffixes = tuple(f".{m}.weight" for m in modules)
+    exact = {f"{m}.weight" for m in modules}
+    return sorted(k for k in manifest if k in exact or k.endswith(suffixes))
+
+
+def planned_method(adapter: Adapter, base: BaseModel, successor: BaseModel) -> tuple[str, str]:
+    """("diff" | "translora", why). `diff` needs every adapted weight to exist
+    in the successor with the same shape; anything else needs Trans-LoRA."""
+    keys = target_weights(base.manifest, list(adapter.target_modules or []))
+    if not keys:
+        return "translora", "its target modules are not found in the base's manifest"
+    for key in keys:
+        old = base.manifest[key].get("shape")
+        new = (successor.manifest.get(key) or {}).get("shape")
+        if new is None:
+            return "translora", f"{key} is missing from {successor.slug}"
+        if list(old) != list(new):
+            return "translora", f"{key} changes shape {list(old)} → {list(new)}"
+    mods = ", ".join(adapter.target_modules)
+    return "diff", f"same shapes for {mods} ({len(keys)} weight{'s' if len(keys) != 1 else ''})"
+
+
+def retransfer_plan(user, base: BaseModel) -> list[PlanRow]:
+    """One row per adapter on `base` that the user may see; empty without a successor."""
+    successor = base.successor
+    if successor is None:
+        return []
+    adapters = list(
+        Adapter.objects.visible_to(user).filter(base_model=base).order_by("owner", "name")
+    )
+    ids = [a.id for a in adapters]
+    jobs: dict[int, list[Job]] = {}
+    for job in Job.objects.visible_to(user).filter(op="transfer", adapter_id__in=ids).order_by("-created_at"):
+        if (job.params or {}).get("target") == successor.slug:
+            jobs.setdefault(job.adapter_id, []).append(job)
+    done: dict[int, Revision] = {}
+    derived = (
+        Revision.objects.filter(base_model=successor, kind__in=TRANSFER_KINDS)
+        .prefetch_related("parents")
+        .select_related("adapter")
+        .order_by("created_at")
+    )
+    visible_ids = set(Adapter.objects.visible_to(user).values_list("id", flat=True))
+    for rev in derived:
+        if rev.adapter_id not in visible_ids:
+            continue
+        sources = {p.adapter_id for p in rev.parents.all()} | {rev.adapter_id}
+        for a in sources & set(ids):
+            done.setdefault(a, rev)
+    rows = []
+    for a in adapters:
+        method, reason = planned_method(a, base, successor)
+        rows.append(PlanRow(adapter=a, method=method, reason=reason, jobs=jobs.get(a.id, []), done=done.get(a.id)))
+    return rows
