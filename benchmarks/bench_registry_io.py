@@ -49,7 +49,7 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], str]], fil
     rng = np.random.default_rng(fill_seed)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
-        for name, (shape, _) in tensors.items():
+        for shape, _ in tensors.values():
             f.write(rng.standard_normal(int(np.prod(shape)), dtype=np.float32).tobytes())
 
 

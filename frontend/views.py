@@ -20,13 +20,13 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from hub.registry import jobs as job_services
-from hub.registry import selectors, services
+from hub.registry import plans, selectors, services
 from hub.registry.models import Adapter, ApiToken, BaseModel, Job, Tag
 from hub.registry.querysets import owner_names
 from hub.registry.selectors import NotFound
 from hub.registry.validation import ValidationError
 
-from . import forms, graph, plans
+from . import forms, graph
 
 PAGE_SIZE = 24
 FILE_FIELDS = {"files", services.ADAPTER_CONFIG, services.ADAPTER_WEIGHTS}

@@ -27,6 +27,7 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # taken but never acknowledged. The latter must outlast the longest hard time
 # limit, or Redis would hand a still-running job's message to a second worker.
 REAPER_INTERVAL = float(knob("JOB_REAPER_INTERVAL", 30.0))
+RETRANSFER_INTERVAL = float(knob("RETRANSFER_INTERVAL", 300.0))
 VISIBILITY_TIMEOUT = max(int(knob("JOB_VISIBILITY_TIMEOUT", 6 * 3600)), int(catalog.max_time_limit() * 1.25) + 600)
 
 app.conf.update(
@@ -45,18 +46,24 @@ app.conf.update(
     task_routes={
         **{spec.task_name: {"queue": spec.queue} for spec in catalog.OPS.values()},
         "workers.reaper.reap": {"queue": "cpu"},
+        "workers.retransfer.sweep": {"queue": "cpu"},
     },
     task_annotations={
         spec.task_name: {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
         for spec in catalog.OPS.values()
     },
-    include=sorted({spec.module for spec in catalog.OPS.values()} | {"workers.reaper"}),
+    include=sorted({spec.module for spec in catalog.OPS.values()} | {"workers.reaper", "workers.retransfer"}),
     beat_schedule={
         "reap-jobs": {
             "task": "workers.reaper.reap",
             "schedule": REAPER_INTERVAL,
             # A reaper message that waited longer than one interval is stale: the next one follows.
             "options": {"queue": "cpu", "expires": max(REAPER_INTERVAL, 1.0)},
+        },
+        "retransfer-deprecated-bases": {
+            "task": "workers.retransfer.sweep",
+            "schedule": RETRANSFER_INTERVAL,
+            "options": {"queue": "cpu", "expires": max(RETRANSFER_INTERVAL, 1.0)},
         },
     },
     worker_hijack_root_logger=False,

@@ -4,13 +4,13 @@ Visibility comes from `Adapter.objects.visible_to` (see AdapterScoped)."""
 from django.db.models import Q
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, permissions, status
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from hub.api import serializers as s
 from hub.api.downloads import blob_response
-from hub.registry import selectors, services
+from hub.registry import plans, selectors, services
 from hub.registry.models import Adapter, BaseModel
 from hub.registry.services import IncomingFile
 from hub.registry.validation import ValidationError
@@ -70,7 +70,11 @@ class BaseModelList(generics.ListCreateAPIView):
 class BaseModelDetail(APIView):
     @extend_schema(responses=s.BaseModelDetailSerializer)
     def get(self, request, slug):
-        return Response(s.BaseModelDetailSerializer(selectors.base_model_get(slug)).data)
+        base = selectors.base_model_get(slug)
+        data = s.BaseModelDetailSerializer(base).data
+        # Which of the caller's visible adapters move to the successor, how, and how far.
+        data["retransfer"] = plans.plan_as_dict(plans.retransfer_plan(request.user, base))
+        return Response(data)
 
     @extend_schema(request=s.BaseModelPatchSerializer, responses=s.BaseModelDetailSerializer)
     def patch(self, request, slug):

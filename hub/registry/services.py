@@ -157,7 +157,7 @@ def base_model_register(
         try:
             config = json.loads(fobj.read().decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValidationError("invalid_config", f"config.json is not valid JSON: {exc}", field="config.json")
+            raise ValidationError("invalid_config", f"config.json is not valid JSON: {exc}", field="config.json") from None
         finally:
             fobj.seek(0)
         if not isinstance(config, dict):

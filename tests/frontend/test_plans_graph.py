@@ -1,4 +1,4 @@
-"""The retransfer plan (frontend/plans.py) and the lineage layout (frontend/graph.py)."""
+"""The retransfer plan (hub/registry/plans.py) and the lineage layout (frontend/graph.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def manifest(**changes):
     ([], manifest(), "translora", "not found"),
 ])
 def test_planned_method(db, targets, successor, method, why):
-    from frontend.plans import planned_method
+    from hub.registry.plans import planned_method
 
     base = make_base("base")
     succ = make_base("succ", manifest=successor)
@@ -37,8 +37,8 @@ def test_planned_method(db, targets, successor, method, why):
 
 
 def test_plan_rows_states_and_visibility(db, user, other_user):
-    from frontend.plans import retransfer_plan
     from hub.registry.models import Job
+    from hub.registry.plans import retransfer_plan
 
     succ = make_base("succ", manifest=manifest(v_proj=[48, 96]))
     base = make_base("base", status="deprecated", successor=succ)

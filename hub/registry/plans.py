@@ -1,8 +1,8 @@
 """The retransfer plan of a deprecated base model: which adapters move to the
 successor, by which method, and how far their transfer jobs have come.
 
-A read of the registry (selector-like); it lives in the frontend for now and
-may move to hub/registry/selectors.py. Visibility: adapters come from
+A read of the registry, shared by the base model page, the REST API and
+`hubctl base show`. Visibility: adapters come from
 `Adapter.objects.visible_to(user)`, jobs from `Job.objects.visible_to(user)`.
 """
 
@@ -95,3 +95,16 @@ def retransfer_plan(user, base: BaseModel) -> list[PlanRow]:
         method, reason = planned_method(a, base, successor)
         rows.append(PlanRow(adapter=a, method=method, reason=reason, jobs=jobs.get(a.id, []), done=done.get(a.id)))
     return rows
+
+
+def plan_as_dict(rows: list[PlanRow]) -> list[dict]:
+    return [
+        {
+            "adapter": r.adapter.repo_id, "method": r.method, "reason": r.reason, "state": r.state,
+            "job": str(r.active_job.id) if r.active_job else (str(r.jobs[0].id) if r.jobs else None),
+            "progress": r.active_job.progress if r.active_job else None,
+            "result": {"adapter": r.done.adapter.repo_id, "sha": r.done.sha,
+                       "metrics": r.done.metrics} if r.done else None,
+        }
+        for r in rows
+    ]
