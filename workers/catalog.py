@@ -262,6 +262,20 @@ register(OpSpec(
 ))
 
 
+def _translora_params(params: dict) -> dict:
+    if params.get("method", "translora") != "translora":
+        raise bad("The translora op always uses method translora; use the transfer op for diff or auto.", "method")
+    out = _transfer_params({**params, "method": "translora"})
+    return out
+
+
+register(OpSpec(
+    name="translora", queue="gpu", soft_time_limit=7200, time_limit=7500, validate=_translora_params,
+    description="Trans-LoRA: distill an adapter onto another base through synthetic data (resumable by stage).",
+    adapter_param=None, reads=("adapter",), creates="name", bases=("target",),
+))
+
+
 # Test-only ops: the engine's own tests drive the runner with them
 # (workers/ops/testing.py). Never registered in a served hub unless asked.
 

@@ -275,7 +275,7 @@ def wait_jobs(ids, statuses=("succeeded", "failed", "cancelled"), timeout=30.0, 
         time.sleep(0.05)
 
 
-def wait_until(predicate, timeout=20.0, what="condition"):
+def wait_until(predicate, timeout=60.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
