@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
+# Idle OpenMP threads yield instead of spinning: torch and the worker processes share 2 cores.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # Debian's chromium for the browser tests (never a tool's own browser download).
 if ! command -v chromium >/dev/null 2>&1; then
