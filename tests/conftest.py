@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Real Celery workers and beat on the test database (one Redis database per session).
+pytest_plugins = ["tests.live_workers"]
+
 
 # --- users and clients ------------------------------------------------------------
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.workers.conftest import _test_ops, broker, celery_procs, redis_url  # noqa: F401
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"

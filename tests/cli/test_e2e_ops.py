@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.conftest import TINY_CONFIG
-from tests.workers.conftest import _test_ops, broker, celery_procs, redis_url  # noqa: F401
 from tests.workers.test_ops_transfer import _register
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -19,7 +18,7 @@ def _logits(model):
         return model(input_ids=ids).logits
 
 
-def test_push_compress_pull_compressed_peft_loads(hub, hubctl, celery_procs, token_for, user, tiny_base,  # noqa: F811
+def test_push_compress_pull_compressed_peft_loads(hub, hubctl, celery_procs, token_for, user, tiny_base,
                                                   tiny_base_dir, cli_adapter_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -48,7 +47,7 @@ def test_push_compress_pull_compressed_peft_loads(hub, hubctl, celery_procs, tok
     assert r.code == 0 and "compeft" in r.out
 
 
-def test_bulk_transfer_with_hubctl(hub, hubctl, celery_procs, token_for, user, staff_user, tiny_base,  # noqa: F811
+def test_bulk_transfer_with_hubctl(hub, hubctl, celery_procs, token_for, user, staff_user, tiny_base,
                                    cli_adapter_dir, make_peft_adapter, tmp_path):
     from hub.registry.models import Adapter
 

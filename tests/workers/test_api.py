@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.workers.conftest import REPO
+from tests.live_workers import REPO
 
 pytestmark = [pytest.mark.django_db]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.workers.conftest import RedisServer, point_app_at, wait_jobs, wait_until
+from tests.live_workers import RedisServer, point_app_at, wait_jobs, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from tests.workers.conftest import wait_jobs
+from tests.live_workers import wait_jobs
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -77,7 +77,7 @@ def test_enqueue_survives_a_dead_broker(user, settings):
     """The API must answer even with Redis down: the job stays queued for the reaper."""
     from hub.registry import jobs
     from hub.registry.models import Job
-    from tests.workers.conftest import free_port, point_app_at
+    from tests.live_workers import free_port, point_app_at
     from workers.app import app
 
     good = app.conf.broker_url

@@ -7,7 +7,7 @@ import pytest
 from django.utils import timezone
 
 from tests.conftest import TINY_CONFIG
-from tests.workers.conftest import wait_until
+from tests.live_workers import wait_until
 from tests.workers.test_ops_transfer import _register
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,4 +1,5 @@
-"""Fixtures for the job engine: a private Redis database per test session, real
+"""Live-worker fixtures (a pytest plugin loaded by tests/conftest.py, so every
+folder shares ONE session Redis database):  a private Redis database per test session, real
 `celery worker` / `celery beat` subprocesses on the test database and blob
 store, and helpers to wait on job rows.
 
@@ -20,7 +21,7 @@ import pytest
 
 os.environ["HUB_TEST_OPS"] = "1"  # the test process validates test ops too
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 REDIS_HOST = "127.0.0.1"
 LOCK_KEY = "hub-test:session-lock"
 
