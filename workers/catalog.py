@@ -276,6 +276,29 @@ register(OpSpec(
 ))
 
 
+def _quantize_params(params: dict) -> dict:
+    only(params, {"adapter", "revision", "bits", "group_size", "qalora_finetune_steps"})
+    out = {"adapter": repo_id(params)}
+    bits = params.get("bits", 4)
+    if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
+        raise bad(f"bits must be 2, 3, 4 or 8, got {bits!r}.", "bits")
+    group = params.get("group_size", 64)
+    if group not in (16, 32, 64, 128) or isinstance(group, bool):
+        raise bad(f"group_size must be 16, 32, 64 or 128, got {group!r}.", "group_size")
+    out.update(bits=bits, group_size=group)
+    out["qalora_finetune_steps"] = number(params, "qalora_finetune_steps", 0, 0, 10000, integer=True)
+    rev = revision(params)
+    if rev:
+        out["revision"] = rev
+    return out
+
+
+register(OpSpec(
+    name="quantize", queue="gpu", soft_time_limit=7200, time_limit=7500, validate=_quantize_params,
+    description="QA-LoRA: quantize the base group-wise and merge the adapter exactly into its zero points.",
+))
+
+
 # Test-only ops: the engine's own tests drive the runner with them
 # (workers/ops/testing.py). Never registered in a served hub unless asked.
 

@@ -105,3 +105,25 @@ def test_catalog_merge_methods_match_the_library():
     from workers.catalog import MERGE_METHODS
 
     assert sorted(METHODS) == sorted(MERGE_METHODS)
+
+
+def test_quantize_job_stores_an_exact_merged_expert(celery_procs, user, peft_adapter, tmp_path):
+    from hub.registry.jobs import job_create
+    from hub.registry.selectors import revision_resolve
+
+    celery_procs.worker()
+    job = job_create(user=user, op="quantize", params={"adapter": "alice/lora", "bits": 4, "group_size": 32})
+    done = wait_jobs([job.id], timeout=180)[str(job.id)]
+    assert done.status == "succeeded", done.error
+    rev = revision_resolve(peft_adapter, "qalora")
+    assert rev.kind == "qalora" and [p.kind for p in rev.parents.all()] == ["upload"]
+    paths = {rf.path for rf in rev.files.all()}
+    assert {"quantized.safetensors", "model-q4_1.gguf"} <= paths and any(p.startswith("qalora/") for p in paths)
+    assert rev.metrics["codes_unchanged"] is True and rev.metrics["merge_max_logit_diff"] < 1e-4
+    # the tiny base keeps its embeddings unquantized; 8B-shaped layers reach ~3.6x (docs/qalora.md)
+    assert rev.metrics["size_ratio_vs_bf16"] > 1.2
+
+
+def test_quantize_refuses_bad_bits(api, peft_adapter):
+    r = api.post("/api/v1/jobs/", {"op": "quantize", "params": {"adapter": "alice/lora", "bits": 5}}, format="json")
+    assert r.status_code == 400 and "bits" in r.json()["detail"]

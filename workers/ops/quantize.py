@@ -1,0 +1,57 @@
+"""`quantize`: a QA-LoRA quantized merged expert as a `qalora` revision.
+
+The base is quantized group-wise, the adapter brought into QA-LoRA form
+(optionally recovered on the seed examples), and merged exactly into the
+zero points. The revision stores the packed model (quantized.safetensors +
+config and tokenizer), the QA-LoRA adapter under qalora/, and for 4 bits a
+GGUF Q4_1 file that llama.cpp and transformers+gguf load.
+"""
+
+from __future__ import annotations
+
+from workers import inputs, runner
+from workers.app import app
+
+
+def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
+    from adapters_ops import qalora
+
+    p = ctx.params
+    adapter = ctx.adapter
+    source = ctx.revision(adapter, p.get("revision"))
+    ctx.progress(0.02, f"Loading {adapter.repo_id}@{source.sha[:8]} and {source.base_model.slug}")
+    lora = inputs.load_adapter(ctx, source)
+    base = inputs.base_dir(ctx, source.base_model)
+    seeds = inputs.seeds(adapter) if p["qalora_finetune_steps"] else None
+    if p["qalora_finetune_steps"] and not seeds:
+        raise runner.OpError("qalora_finetune_steps needs seed examples on the adapter (upload them with --seeds).",
+                             "no_seeds")
+    out = ctx.workdir / "quantized"
+    report = qalora.quantize_merged(
+        base, lora, bits=p["bits"], group_size=p["group_size"], out_dir=out,
+        finetune_steps=p["qalora_finetune_steps"], examples=seeds,
+        progress=lambda f, msg="": ctx.progress(0.05 + 0.9 * f, msg or "quantizing"),
+    )
+    files = {str(f.relative_to(out)): f for f in sorted(out.rglob("*")) if f.is_file()}
+    sizes = report.get("bytes", {})
+    metrics = {
+        "bits": p["bits"], "group_size": p["group_size"],
+        "size_ratio_vs_bf16": round(sizes["bf16"] / sizes["quantized"], 2) if sizes.get("quantized") else None,
+        "merge_max_logit_diff": report.get("merge_max_logit_diff"),
+        "codes_unchanged": report.get("codes_unchanged"),
+        "conversion_rel_error": report.get("conversion_rel_error"),
+        "integer_zero_point_error": report.get("integer_zero_point_error"),
+        "bytes": sizes,
+    }
+    return runner.RevisionOutput(
+        adapter=adapter, kind="qalora", parents=[source], files=files,
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        message=f"QA-LoRA INT{p['bits']} g{p['group_size']} merged expert",
+        done_message=f"Quantized to INT{p['bits']} g{p['group_size']} "
+                     f"({metrics.get('size_ratio_vs_bf16', '?')}x smaller than bf16).",
+    )
+
+
+@app.task(name="ops.quantize", bind=True)
+def quantize_task(self, job_id: str) -> str:
+    return runner.run(job_id, quantize, task=self)
