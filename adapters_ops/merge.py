@@ -1,0 +1,518 @@
+"""Skill composition: merge several LoRA adapters of one base into one adapter.
+
+Every method is defined on the *weighted updates* ``tau_i = w_i * s_i * B_i @ A_i``
+(``s_i`` the adapter's own scaling for that module: alpha/r, rslora, rank_pattern,
+alpha_pattern), never on A and B mixed separately, so the merged adapter's update
+is exactly what the method's paper defines (see docs/merge.md):
+
+==================  ==========================================================
+``cat``             sum of tau_i, kept exact as concatenated factors (rank sum r_i)
+``linear``          sum of tau_i (task arithmetic); equals ``cat`` for LoRA factors,
+                    re-factored to ``rank`` when one is given
+``svd``             sum of tau_i, best rank-``rank`` approximation; computed from
+                    QR of the stacked factors + SVD of a small core, never dense
+``ties``            trim each tau_i to ``density``, elect a sign, disjoint mean
+``dare_linear``     drop entries of each tau_i with prob 1-density, rescale, sum
+``dare_ties``       DARE drop + rescale, then sign election and disjoint mean
+``magnitude_prune`` trim each tau_i to ``density``, sum
+``*_svd``           the same dense merge, re-factored to max input rank by default
+==================  ==========================================================
+
+Dense methods build one module's updates at a time, so memory stays at a few
+``out x in`` matrices whatever the adapter's size. The merged adapter is a
+valid PEFT LoRA: scaling is folded into B, ``lora_alpha == r``, ``use_rslora``
+off, and ``rank_pattern``/``alpha_pattern`` name modules whose rank differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import numbers
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+
+from .adapter import Adapter
+from .errors import AdapterError, IncompatibleAdapters
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "MergeParams",
+    "MergeReport",
+    "MergeResult",
+    "WeightSearch",
+    "disjoint_mean",
+    "drop",
+    "elect_sign",
+    "merge",
+    "merge_with_report",
+    "search_weights",
+    "trim",
+]
+
+ModulesMode = Literal["strict", "union", "intersection"]
+_PEFT_PREFIX = "base_model.model."
+
+
+# --- dense primitives (pure functions over tensors, PEFT merge_utils style) ----------------
+
+
+def trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``int(density * numel)`` entries of largest magnitude, zero the rest."""
+    k = int(density * tensor.numel())
+    if k >= tensor.numel():
+        return tensor
+    if k <= 0:
+        return torch.zeros_like(tensor)
+    mag = tensor.abs()
+    # kthvalue finds the threshold without sorting; topk would sort k entries.
+    threshold = torch.kthvalue(mag.view(-1), mag.numel() - k + 1).values
+    return tensor * (mag >= threshold)
+
+
+def drop(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale by 1/density."""
+    if density >= 1:
+        return tensor
+    keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32) < density
+    return tensor * keep / density
+
+
+def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election over dim 0: the sign of the summed mass ("total", the
+    paper's choice) or of the count of signs ("frequency"); ties go to +1."""
+    if method == "total":
+        mass = stacked.sum(dim=0)
+    elif method == "frequency":
+        mass = stacked.sign().sum(dim=0)
+    else:
+        raise AdapterError(f"majority_sign must be 'total' or 'frequency', got {method!r}", "invalid_param")
+    return torch.where(mass >= 0, 1.0, -1.0).to(stacked.dtype)
+
+
+def disjoint_mean(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the entries whose sign agrees with ``sign`` (zeros never agree)."""
+    agree = stacked.sign() == sign
+    count = agree.sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
+    return (stacked * agree).sum(dim=0).div_(count)
+
+
+# --- the registry ----------------------------------------------------------------------
+
+
+DenseFn = Callable[[torch.Tensor, float, torch.Generator, str], torch.Tensor]
+
+
+def _dense_ties(t: torch.Tensor, density: float, gen: torch.Generator, sign_method: str) -> torch.Tensor:
+    t = torch.stack([trim(x, density) for x in t])
+    return disjoint_mean(t, elect_sign(t, sign_method))
+
+
+def _dense_dare_linear(t: torch.Tensor, density: float, gen: torch.Generator, sign_method: str) -> torch.Tensor:
+    return torch.stack([drop(x, density, gen) for x in t]).sum(dim=0)
+
+
+def _dense_dare_ties(t: torch.Tensor, density: float, gen: torch.Generator, sign_method: str) -> torch.Tensor:
+    t = torch.stack([drop(x, density, gen) for x in t])
+    return disjoint_mean(t, elect_sign(t, sign_method))
+
+
+def _dense_magnitude_prune(t: torch.Tensor, density: float, gen: torch.Generator, sign_method: str) -> torch.Tensor:
+    return torch.stack([trim(x, density) for x in t]).sum(dim=0)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method. ``dense`` is None for methods computed on the factors
+    (exact, no out x in matrix ever built); otherwise it merges the stacked
+    weighted updates of one module. ``default_rank`` is "sum" or "max" of the
+    input ranks of a module, used when the caller gives no ``rank``."""
+
+    name: str
+    dense: DenseFn | None
+    default_rank: Literal["sum", "max"]
+    needs_density: bool
+    summary: str
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in [
+        MergeMethod("cat", None, "sum", False, "exact weighted sum, factors concatenated"),
+        MergeMethod("linear", None, "sum", False, "exact weighted sum (task arithmetic); = cat unless rank is given"),
+        MergeMethod("svd", None, "max", False, "weighted sum, best rank-`rank` approximation (QR + small SVD)"),
+        MergeMethod("ties", _dense_ties, "sum", True, "trim, elect sign, disjoint mean"),
+        MergeMethod("ties_svd", _dense_ties, "max", True, "ties, re-factored to max input rank"),
+        MergeMethod("dare_linear", _dense_dare_linear, "sum", True, "random drop + rescale, sum"),
+        MergeMethod("dare_linear_svd", _dense_dare_linear, "max", True, "dare_linear, re-factored to max input rank"),
+        MergeMethod("dare_ties", _dense_dare_ties, "sum", True, "random drop + rescale, elect sign, disjoint mean"),
+        MergeMethod("dare_ties_svd", _dense_dare_ties, "max", True, "dare_ties, re-factored to max input rank"),
+        MergeMethod("magnitude_prune", _dense_magnitude_prune, "sum", True, "trim, sum"),
+        MergeMethod("magnitude_prune_svd", _dense_magnitude_prune, "max", True, "magnitude_prune, re-factored"),
+    ]
+}
+
+
+# --- parameters --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """Validated merge parameters (everything but the adapters themselves)."""
+
+    method: str
+    weights: tuple[float, ...]
+    density: float | None = None
+    rank: int | None = None
+    seed: int = 0
+    modules: ModulesMode = "strict"
+    majority_sign: str = "total"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise AdapterError(
+                f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}", "invalid_method"
+            )
+        spec = METHODS[self.method]
+        if not self.weights:
+            raise AdapterError("at least one adapter and one weight are needed", "invalid_weights")
+        for w in self.weights:
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+                raise AdapterError(f"weights must be finite numbers, got {w!r}", "invalid_weights")
+        if spec.needs_density:
+            if self.density is None:
+                raise AdapterError(f"method {self.method!r} needs a density in (0, 1]", "invalid_density")
+            if isinstance(self.density, bool) or not (0 < float(self.density) <= 1):
+                raise AdapterError(f"density must be in (0, 1], got {self.density!r}", "invalid_density")
+        elif self.density is not None:
+            raise AdapterError(f"method {self.method!r} does not use a density (got {self.density!r})", "invalid_density")
+        if self.rank is not None:
+            if self.method == "cat":
+                raise AdapterError("method 'cat' keeps every factor (rank = sum of ranks); use 'svd' to pick a rank",
+                                   "invalid_rank")
+            if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
+                raise AdapterError(f"rank must be a positive integer, got {self.rank!r}", "invalid_rank")
+        if self.modules not in ("strict", "union", "intersection"):
+            raise AdapterError(f"modules must be 'strict', 'union' or 'intersection', got {self.modules!r}",
+                               "invalid_param")
+        if self.majority_sign not in ("total", "frequency"):
+            raise AdapterError(f"majority_sign must be 'total' or 'frequency', got {self.majority_sign!r}",
+                               "invalid_param")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise AdapterError(f"seed must be an integer, got {self.seed!r}", "invalid_param")
+
+
+@dataclass
+class MergeReport:
+    """What a merge kept: per module the output rank and the fraction of the
+    merged update's squared Frobenius norm the factors capture (1.0 = exact)."""
+
+    method: str
+    weights: list[float]
+    density: float | None
+    rank: int | None
+    seed: int
+    modules: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def min_energy(self) -> float:
+        return min((m["energy"] for m in self.modules.values()), default=1.0)
+
+    @property
+    def mean_energy(self) -> float:
+        vals = [m["energy"] for m in self.modules.values()]
+        return sum(vals) / len(vals) if vals else 1.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready metrics (for a Revision's metrics)."""
+        return {
+            "method": self.method, "weights": self.weights, "density": self.density, "rank": self.rank,
+            "seed": self.seed, "mean_energy": self.mean_energy, "min_energy": self.min_energy,
+            "modules": self.modules,
+        }
+
+
+class MergeResult(NamedTuple):
+    adapter: Adapter
+    report: MergeReport
+
+
+# --- merge -------------------------------------------------------------------------------
+
+
+def merge(
+    adapters: Sequence[Adapter | str | os.PathLike],
+    weights: Sequence[float],
+    method: str = "cat",
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    *,
+    modules: ModulesMode = "strict",
+    majority_sign: str = "total",
+) -> Adapter:
+    """Merge ``adapters`` (Adapter objects or PEFT adapter directories) with ``weights``.
+
+    ``modules`` says what to do when adapters target different modules:
+    "strict" (default) refuses, "union" merges every module (an adapter
+    without a module contributes nothing there), "intersection" keeps only
+    modules all adapters have. See ``merge_with_report`` for the per-module
+    ranks and captured energy.
+    """
+    return merge_with_report(adapters, weights, method, density, rank, seed,
+                             modules=modules, majority_sign=majority_sign).adapter
+
+
+def merge_with_report(
+    adapters: Sequence[Adapter | str | os.PathLike],
+    weights: Sequence[float],
+    method: str = "cat",
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    *,
+    modules: ModulesMode = "strict",
+    majority_sign: str = "total",
+) -> MergeResult:
+    """``merge`` that also returns a MergeReport (ranks and captured energy per module)."""
+    adapters = [a if isinstance(a, Adapter) else Adapter.load(a) for a in adapters]
+    try:
+        weights = [w.item() if isinstance(w, torch.Tensor) else w for w in weights]
+    except TypeError:
+        raise AdapterError(f"weights must be a list of numbers, got {type(weights).__name__}", "invalid_weights") from None
+    if len(adapters) != len(weights):
+        raise AdapterError(f"{len(adapters)} adapters but {len(weights)} weights", "invalid_weights")
+    params = MergeParams(method=method, weights=tuple(weights), density=density, rank=rank, seed=seed,
+                         modules=modules, majority_sign=majority_sign)
+    spec = METHODS[params.method]
+    module_names = _check_compatible(adapters, params.modules)
+
+    out_dtype = _common_dtype(adapters)
+    report = MergeReport(params.method, [float(w) for w in params.weights],
+                         None if params.density is None else float(params.density),
+                         None if params.rank is None else int(params.rank), int(params.seed))
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module in module_names:
+        parts = [(float(w), a) for w, a in zip(params.weights, adapters, strict=True)
+                 if a.key(module, "A") in a.tensors]
+        in_ranks = [a.rank(module) for _, a in parts]
+        if spec.dense is None:
+            b, a, energy = _merge_factors(module, parts, params, spec)
+        else:
+            b, a, energy = _merge_dense(module, parts, params, spec, in_ranks)
+        tensors[f"{module}.lora_A.weight"] = a.to(out_dtype).contiguous()
+        tensors[f"{module}.lora_B.weight"] = b.to(out_dtype).contiguous()
+        ranks[module] = int(a.shape[0])
+        report.modules[module] = {"rank": ranks[module], "energy": energy}
+
+    merged = Adapter(config=_output_config(adapters, ranks, params.modules), tensors=tensors)
+    merged.validate()
+    return MergeResult(merged, report)
+
+
+def _scaled_b(adapter: Adapter, module: str, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    # Fold the adapter's weight and own scaling into B.
+    return adapter.tensors[adapter.key(module, "B")].to(dtype) * (weight * adapter.scaling(module))
+
+
+def _merge_factors(module, parts, params: MergeParams, spec: MergeMethod):
+    exact = spec.name == "cat" or (spec.name == "linear" and params.rank is None)
+    # Concatenation only scales B: float32 is exact enough; the QR path uses
+    # float64 because its factors are small and its core products cancel.
+    dtype = torch.float32 if exact else torch.float64
+    b_cat = torch.cat([_scaled_b(a, module, w, dtype) for w, a in parts], dim=1)
+    a_cat = torch.cat([a.tensors[a.key(module, "A")].to(dtype) for _, a in parts], dim=0)
+    if exact:
+        return b_cat, a_cat, 1.0
+    # sum_i B_i A_i = B_cat A_cat has rank <= sum r_i: QR both thin factors and
+    # take the SVD of the small R x R core. Same result as a dense SVD of the
+    # out x in update, at O((out + in) R^2) cost instead of O(out * in^2).
+    qb, rb = torch.linalg.qr(b_cat)
+    qa, ra = torch.linalg.qr(a_cat.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    default = max(a.rank(module) for _, a in parts) if spec.default_rank == "max" else b_cat.shape[1]
+    r = min(params.rank or default, s.numel())
+    energy = _energy(s, r)
+    return (qb @ u[:, :r]) * s[:r], vh[:r] @ qa.T, energy
+
+
+def _merge_dense(module, parts, params: MergeParams, spec: MergeMethod, in_ranks):
+    # Only this module's updates are dense at any time: n x out x in floats.
+    updates = torch.stack([
+        (_scaled_b(a, module, w, torch.float32) @ a.tensors[a.key(module, "A")].float()) for w, a in parts
+    ])
+    merged = spec.dense(updates, float(params.density), _module_generator(params.seed, module), params.majority_sign)
+    del updates
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    default = max(in_ranks) if spec.default_rank == "max" else sum(in_ranks)
+    r = min(params.rank or default, s.numel())
+    return u[:, :r] * s[:r], vh[:r], _energy(s.double(), r)
+
+
+def _energy(s: torch.Tensor, r: int) -> float:
+    total = float((s * s).sum())
+    return 1.0 if total == 0.0 else float((s[:r] * s[:r]).sum()) / total
+
+
+def _module_generator(seed: int, module: str) -> torch.Generator:
+    # One generator per (seed, module): a module's DARE masks do not depend on
+    # which other modules exist or in which order they are processed.
+    digest = hashlib.blake2b(f"{seed}:{module}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def _common_dtype(adapters: list[Adapter]) -> torch.dtype:
+    dtypes = {t.dtype for a in adapters for t in a.tensors.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _check_compatible(adapters: list[Adapter], mode: str) -> list[str]:
+    """The modules to merge; raises IncompatibleAdapters on base, module or shape mismatches."""
+    for i, a in enumerate(adapters):
+        a.validate()
+        extra = [k for k in a.tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if extra:
+            raise AdapterError(
+                f"adapter {i} holds tensors merge cannot combine ({extra[0]!r}{' ...' if len(extra) > 1 else ''}): "
+                "only plain LoRA A/B pairs (no DoRA, biases, embeddings or modules_to_save)", "unsupported_adapter")
+        if a.config.get("use_dora"):
+            raise AdapterError(f"adapter {i} is a DoRA adapter; merge supports plain LoRA", "unsupported_adapter")
+        if not a.modules():
+            raise AdapterError(f"adapter {i} has no LoRA tensors", "empty_adapter")
+
+    bases = [a.base_model_name for a in adapters]
+    if len(set(bases)) > 1:
+        raise IncompatibleAdapters(
+            "adapters were trained on different base models: " + ", ".join(f"{i}: {b!r}" for i, b in enumerate(bases)),
+            "different_bases")
+    fan = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+    if len(fan) > 1:
+        raise IncompatibleAdapters("adapters disagree on fan_in_fan_out", "incompatible_layout")
+
+    sets = [set(a.modules()) for a in adapters]
+    union, common = set().union(*sets), set.intersection(*sets)
+    if mode == "strict" and union != common:
+        i = next(i for i, s in enumerate(sets) if s != union)
+        missing = sorted(union - sets[i])
+        raise IncompatibleAdapters(
+            f"adapters target different modules: adapter {i} lacks {len(missing)} of them (e.g. {missing[0]}); "
+            "pass modules='union' or 'intersection' to merge anyway", "different_modules")
+    chosen = sorted(union if mode == "union" else common)
+    if not chosen:
+        raise IncompatibleAdapters("the adapters share no module", "different_modules")
+
+    for module in chosen:
+        shapes = {(a.tensors[a.key(module, "B")].shape[0], a.tensors[a.key(module, "A")].shape[1])
+                  for a in adapters if a.key(module, "A") in a.tensors}
+        if len(shapes) > 1:
+            raise IncompatibleAdapters(
+                f"{module}: adapters disagree on the layer shape (out x in): {sorted(shapes)}", "shape_mismatch")
+    return chosen
+
+
+def _output_config(adapters: list[Adapter], ranks: dict[str, int], mode: str) -> dict:
+    cfg = copy.deepcopy(adapters[0].config)
+    r = max(ranks.values())
+    # Scaling is folded into B: every module has alpha == rank, so scaling == 1.
+    pattern = {m.removeprefix(_PEFT_PREFIX): k for m, k in ranks.items() if k != r}
+    cfg.update(
+        r=r, lora_alpha=r, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
+        use_dora=False,
+        # A module PEFT wraps but we wrote no weights for stays a no-op (B = 0).
+        init_lora_weights=True,
+    )
+    targets = [a.config.get("target_modules") for a in adapters]
+    if mode != "strict" or any(t != targets[0] for t in targets):
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in ranks})
+        cfg["target_modules"] = leaves
+        layers = [a.config.get("layers_to_transform") for a in adapters]
+        if any(x != layers[0] for x in layers):
+            cfg["layers_to_transform"] = None
+            cfg["layers_pattern"] = None
+    return cfg
+
+
+# --- composition weights -------------------------------------------------------------------
+
+
+class WeightSearch(NamedTuple):
+    weights: list[float]
+    score: float
+    history: list[dict]
+
+
+def search_weights(
+    adapters: Sequence[Adapter | str | os.PathLike],
+    score_fn: Callable[[Adapter], float],
+    method: str = "linear",
+    *,
+    budget: int = 20,
+    seed: int = 0,
+    l1: float = 0.05,
+    bounds: tuple[float, float] = (-1.5, 1.5),
+    init: Sequence[float] | None = None,
+    density: float | None = None,
+    rank: int | None = None,
+    modules: ModulesMode = "strict",
+) -> WeightSearch:
+    """Gradient-free search for composition weights (LoraHub's recipe).
+
+    Maximises ``score_fn(merged) - l1 * sum(|w|)`` over weights in ``bounds``
+    with a (1+1) evolution strategy (Gaussian steps around the best point, step
+    size adapted by the 1/5 success rule), starting from uniform weights 1/n.
+    ``budget`` is the number of ``score_fn`` calls. Returns the best weights,
+    their raw score and the history (one dict per call, in order). NaN scores
+    count as failures. Deterministic for a fixed seed and a deterministic score.
+    """
+    adapters = [a if isinstance(a, Adapter) else Adapter.load(a) for a in adapters]
+    n = len(adapters)
+    if n == 0:
+        raise AdapterError("search_weights needs at least one adapter", "invalid_weights")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise AdapterError(f"budget must be a positive integer, got {budget!r}", "invalid_param")
+    lo, hi = (float(b) for b in bounds)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise AdapterError(f"bounds must be finite with low < high, got {bounds!r}", "invalid_param")
+    if not (math.isfinite(l1) and l1 >= 0):
+        raise AdapterError(f"l1 must be >= 0, got {l1!r}", "invalid_param")
+    if init is not None and len(init) != n:
+        raise AdapterError(f"{n} adapters but {len(init)} initial weights", "invalid_weights")
+    # Fail fast on bad method/density/rank/modules before spending the budget.
+    MergeParams(method=method, weights=(1.0,) * n, density=density, rank=rank, seed=seed, modules=modules)
+    _check_compatible(adapters, modules)
+
+    rng = random.Random(seed)
+
+    def clip(x):
+        return [min(hi, max(lo, float(v))) for v in x]
+
+    history: list[dict] = []
+
+    def evaluate(x):
+        merged = merge(adapters, x, method=method, density=density, rank=rank, seed=seed, modules=modules)
+        score = float(score_fn(merged))
+        objective = score - l1 * sum(abs(v) for v in x) if math.isfinite(score) else -math.inf
+        history.append({"weights": list(x), "score": score, "objective": objective})
+        return objective
+
+    best = clip(init if init is not None else [1.0 / n] * n)
+    best_obj = evaluate(best)
+    sigma = 0.15 * (hi - lo)
+    for _ in range(budget - 1):
+        cand = clip([v + sigma * rng.gauss(0.0, 1.0) for v in best])
+        obj = evaluate(cand)
+        if obj > best_obj:
+            best, best_obj = cand, obj
+            sigma *= 1.5
+        else:
+            sigma = max(sigma * 1.5 ** -0.25, 1e-4 * (hi - lo))
+    best_entry = next(h for h in history if h["weights"] == best)
+    return WeightSearch(best, best_entry["score"], history)

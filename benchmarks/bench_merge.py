@@ -1,0 +1,223 @@
+"""Time every merge method of adapters_ops.merge against PEFT's
+`add_weighted_adapter` on the same adapters, in one run.
+
+Builds a random Llama-shaped base (default hidden 1024, intermediate 2816,
+4 layers, GQA 16/4 heads) and N LoRA adapters on all linear layers with random
+nonzero A and B, saves them, then runs each (implementation, method) in its own
+subprocess so timings and memory do not leak between runs. Reported per run:
+wall time of the merge call only (loading excluded), and the peak extra RSS
+during the call (a sampler thread reads /proc/self/statm every 2 ms).
+
+PEFT's `linear`, `ties`, `dare_*` and `magnitude_prune` mix the A and B factors
+separately (cheap, but not the method's definition: see docs/merge.md); ours
+build each module's dense update. Their same-work anchor is PEFT's `<name>_svd`,
+printed in the last column.
+
+    python benchmarks/bench_merge.py                        # the default shapes
+    python benchmarks/bench_merge.py --layers 2 --methods cat svd ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ALL = ["cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd",
+       "magnitude_prune", "magnitude_prune_svd"]
+DENSITY_METHODS = {m for m in ALL if m not in ("cat", "linear", "svd")}
+
+
+def rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+class PeakRSS:
+    """Peak resident set size while the block runs, sampled by a thread."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_kb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_kb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_kb())
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.start) / 1024
+
+
+def build(workdir: Path, args) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, max_position_embeddings=128, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(workdir / "base")
+    for i in range(args.adapters):
+        torch.manual_seed(100 + i)
+        model = LlamaForCausalLM.from_pretrained(workdir / "base")
+        lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(model, lcfg).save_pretrained(workdir / f"adapter{i}")
+
+
+def warm_up() -> None:
+    """First calls into LAPACK and the thread pool cost time for either side: pay it untimed."""
+    import torch
+
+    m = torch.randn(96, 64)
+    torch.linalg.svd(m, full_matrices=True)
+    torch.linalg.svd(m.double(), full_matrices=False)
+    torch.linalg.qr(m.double())
+    torch.kthvalue(m.flatten(), 10)
+    torch.topk(m.flatten(), 10)
+
+
+def worker(impl: str, method: str, workdir: Path, args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warm_up()
+    dirs = [workdir / f"adapter{i}" for i in range(args.adapters)]
+    weights = [round(1.0 / args.adapters + 0.1 * i, 3) for i in range(args.adapters)]
+    density = args.density if method in DENSITY_METHODS else None
+    if impl == "ours":
+        from adapters_ops import merge
+        from adapters_ops.adapter import Adapter
+
+        adapters = [Adapter.load(d) for d in dirs]
+
+        def call(i):
+            merge.merge(adapters, weights, method=method, density=density, seed=i)
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workdir / "base"), dirs[0],
+                                          adapter_name="in0")
+        for i, d in enumerate(dirs[1:], start=1):
+            model.load_adapter(d, adapter_name=f"in{i}")
+        kwargs = {"density": density} if density is not None else {}
+
+        def call(i):
+            model.add_weighted_adapter([f"in{i}" for i in range(len(dirs))], weights, f"merged{i}",
+                                       combination_type=method, **kwargs)
+            model.delete_adapter(f"merged{i}")  # a new name each time: PEFT skips existing names
+
+    times, extra = [], 0.0
+    for i in range(args.repeat):
+        if sum(times) > args.min_time:  # slow methods: one or two calls are enough
+            break
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            call(i)
+            times.append(time.perf_counter() - t0)
+        extra = max(extra, mem.extra_mib)
+    return {"seconds": min(times), "times": times, "extra_mib": extra, "peak_mib": mem.peak / 1024}
+
+
+def run_one(impl: str, method: str, workdir: Path, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv, "--worker", impl, method, str(workdir)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--adapters", type=int, default=3)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both sides (default 1: stable on a shared machine; 0: torch's default)")
+    p.add_argument("--repeat", type=int, default=5, help="at most this many calls per run; the table shows the fastest")
+    p.add_argument("--min-time", type=float, default=3.0, help="stop repeating once the calls took this long (s)")
+    p.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
+    p.add_argument("--no-peft", action="store_true", help="time only our implementation")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", nargs=3, metavar=("IMPL", "METHOD", "DIR"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        impl, method, workdir = args.worker
+        print(json.dumps(worker(impl, method, Path(workdir), args)))
+        return
+
+    # The workers rebuild nothing: they only need the shape flags to name inputs.
+    argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+            ("hidden", "intermediate", "layers", "heads", "kv_heads", "adapters", "rank", "density", "threads",
+             "repeat", "min_time")]
+    with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
+        workdir = Path(tmp)
+        t0 = time.perf_counter()
+        build(workdir, args)
+        print(f"# base: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+              f"heads {args.heads}/{args.kv_heads}; {args.adapters} adapters rank {args.rank} on all linear "
+              f"layers; density {args.density}; torch threads {args.threads or 'default'}; best of <= {args.repeat} calls "
+              f"(built in {time.perf_counter() - t0:.1f}s)", flush=True)
+        results = {}
+        for method in args.methods:
+            results[method] = {"ours": run_one("ours", method, workdir, argv)}
+            if not args.no_peft:
+                results[method]["peft"] = run_one("peft", method, workdir, argv)
+            print(f"# {method}: {json.dumps(results[method])}", file=sys.stderr, flush=True)
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def print_table(results: dict) -> None:
+    def cell(r, key, fmt):
+        return "error" if r is None or "error" in r else format(r[key], fmt)
+
+    head = ("| method | ours s | PEFT s | PEFT/ours | ours extra MiB | PEFT extra MiB | PEFT `_svd` s (same work) "
+            "| PEFT_svd/ours |")
+    print(head)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method, r in results.items():
+        ours, peft = r["ours"], r.get("peft")
+        ratio = (f"{peft['seconds'] / ours['seconds']:.1f}x" if peft and "error" not in peft and "error" not in ours
+                 else "-")
+        same = results.get(method + "_svd", {}).get("peft") if method in DENSITY_METHODS else None
+        same_s = cell(same, "seconds", ".2f") if same else "-"
+        same_ratio = (f"{same['seconds'] / ours['seconds']:.1f}x" if same and "error" not in same
+                      and "error" not in ours else "-")
+        print(f"| {method} | {cell(ours, 'seconds', '.3f')} | {cell(peft, 'seconds', '.3f') if peft else '-'} "
+              f"| {ratio} | {cell(ours, 'extra_mib', '.0f')} | {cell(peft, 'extra_mib', '.0f') if peft else '-'} "
+              f"| {same_s} | {same_ratio} |")
+    errors = {f"{m}/{k}": v["error"] for m, r in results.items() for k, v in r.items() if "error" in v}
+    for name, err in errors.items():
+        print(f"# {name} failed: {err}")
+
+
+if __name__ == "__main__":
+    main()
