@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import progress
+from hub.cli import diff, progress
 from hub.cli.client import (
     API,
     Client,
@@ -871,6 +871,8 @@ def build_parser() -> Parser:
     s.add_argument("--qalora-finetune-steps", type=int)
     wait_flags(s)
     s.set_defaults(func=cmd_quantize)
+
+    diff.add_parsers(sub)
     return p
 
 

@@ -211,7 +211,7 @@ def seed_demo(home: Path, env: dict, sup: Supervisor) -> None:
         return
     zoo = home / "zoo"
     if not (zoo / ZOO_STAMP).is_file():  # the zoo writes its stamp last
-        say(f"building the demo zoo in {zoo} (tiny models, once; about a minute)")
+        say(f"building the demo zoo in {zoo} (tiny models, once; about two minutes; the hub already answers)")
         t0 = time.monotonic()
         build = sup.start("zoo", [sys.executable, "-m", "adapters_ops.zoo", "build", str(zoo)], env, PROJECT_ROOT)
         while build.alive() and not sup.stop_requested.wait(0.5):
@@ -333,8 +333,6 @@ def serve(args) -> int:
         migrate()
         token = admin_token()
         store_token(token)
-        if not args.no_demo and not sup.stop_requested.is_set():
-            seed_demo(home, env, sup)
         from django.db import connections
 
         connections.close_all()  # the children open their own
@@ -355,6 +353,10 @@ def serve(args) -> int:
         wait_until_serving(url, web, READY_TIMEOUT, sup.stop_requested)
         if not sup.stop_requested.is_set():
             banner(url, token)
+        # The demo comes after the hub answers: its first zoo build takes a couple of minutes.
+        if not args.no_demo and not sup.stop_requested.is_set():
+            seed_demo(home, env, sup)
+            connections.close_all()
         while not sup.stop_requested.wait(0.5):
             dead = [c for c in sup.children if not c.alive()]
             if dead:
