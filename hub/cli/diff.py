@@ -5,10 +5,9 @@ registered on the hub, which is downloaded once into ~/.cache/hubctl/bases."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hashlib
 import os
+from pathlib import Path
 
 from hub.cli.client import API, Client, ServerError, UserError
 
