@@ -18,17 +18,8 @@ import math
 
 import torch
 
-try:  # triton is optional: CPU-only installs use the reference
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from kernels._triton import FLOATS as _FLOATS
+from kernels._triton import HAS_TRITON, tl, triton
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
