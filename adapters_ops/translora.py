@@ -9,9 +9,10 @@ Transferable Parameter Efficient Finetuning" (arXiv 2405.17258):
               writes new task inputs (or, for tiny bases that write garbage,
               the "mutation" generator perturbs the seed prompts with the
               seeds' own character statistics)
-    filter    a discriminator LoRA on the source base, trained to tell real
-              seeds from synthetic inputs, keeps the inputs that score as
-              real as held-out seeds do
+    filter    a discriminator on the source base keeps the inputs that score
+              as real as held-out seeds do: by default the inputs' likelihood
+              under the source base after a shape check against the seeds;
+              optionally the paper's LoRA classifier trained on the seeds
     label     the source base + adapter answers every kept input (greedy)
     distill   a fresh LoRA on the target base learns those answers, with
               early stopping on the seed examples
@@ -71,6 +72,7 @@ __all__ = [
     "filter_candidates",
     "generate_candidates",
     "label",
+    "likelihood_scores",
     "mutation_prompts",
     "run",
     "template_of",
@@ -79,6 +81,7 @@ __all__ = [
 
 STAGES = ("generate", "filter", "label", "distill", "evaluate")
 GENERATORS = ("auto", "target", "source", "mutation")
+DISCRIMINATORS = ("likelihood", "lora")
 # Share of the progress bar each stage fills (distillation dominates the time).
 _SPAN = {"generate": (0.0, 0.15), "filter": (0.15, 0.35), "label": (0.35, 0.45), "distill": (0.45, 0.95),
          "evaluate": (0.95, 1.0)}
@@ -95,7 +98,7 @@ class TransLoraConfig:
     """Parameters of one Trans-LoRA run; validated on construction."""
 
     # (a) synthetic inputs
-    n_synthetic: int = 256  # candidates requested from the generator (before de-dup and filtering)
+    n_synthetic: int = 2048  # candidates requested from the generator (before de-dup and filtering)
     generator: str = "auto"  # target | source | mutation | auto (LM of the target, topped up by mutation)
     shots: int = 5  # seed prompts in each few-shot context (fewer when the context would not fit)
     temperature: float = 1.0
@@ -105,24 +108,29 @@ class TransLoraConfig:
     auto_min_yield: float = 0.5  # "auto": below this share of usable LM samples, top up with mutation
     mutation_rate: float = 0.5  # chance to resample each variable character of a seed prompt
     mutation_indel: int = 1  # up to this many characters inserted or deleted per mutated prompt
+    mutation_closure: bool = True  # complete a character class the seeds half cover (a-z, A-Z, 0-9)
+    mutation_in_range: bool = True  # insertions/deletions keep the middle within the seeds' length range
     # (b) discriminator
     filter: bool = True
+    discriminator: str = "likelihood"  # likelihood (source base LM + shape, no training) | lora (the paper's)
     disc_rank: int = 4
     disc_steps: int = 60
     disc_lr: float = 3e-3
-    disc_quantile: float = 0.2  # keep candidates scoring at least this quantile of the seeds' out-of-fold scores
+    disc_quantile: float = 0.0  # keep candidates scoring at least this quantile of the seeds' held-out scores
+    disc_slack: float = 0.5  # likelihood: the seeds' band [q, 1-q] widened by this times their spread
     # (c) labels
     label_slack: int = 4  # tokens beyond the longest seed completion before a label counts as unterminated
+    label_drop: float = 0.0  # share of labels dropped, least confident first (teacher loss on its own answer)
     # (d) distillation
     rank: int | None = None  # None: the source adapter's r
     alpha: int | None = None  # None: the source adapter's alpha scaled to the new rank
     target_modules: tuple[str, ...] | None = None  # None: the source adapter's, where the target has them
-    steps: int = 300
-    lr: float = 3e-3
-    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 5e-3
+    batch_size: int = 32
     warmup: int = 10
-    eval_every: int = 25
-    patience: int = 4  # evaluations without a better seed loss before stopping
+    eval_every: int = 50
+    patience: int = 6  # evaluations without a better seed loss before stopping
     # everything
     seed: int = 0
     threads: int | None = None  # torch threads inside run(); None: min(2, cores)
@@ -140,6 +148,12 @@ class TransLoraConfig:
                 raise AdapterError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}",
                                    "invalid_parameter")
 
+        if self.discriminator not in DISCRIMINATORS:
+            raise AdapterError(f"discriminator must be one of {', '.join(DISCRIMINATORS)}, got {self.discriminator!r}",
+                               "invalid_parameter")
+        for name in ("filter", "mutation_closure", "mutation_in_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise AdapterError(f"{name} must be true or false, got {getattr(self, name)!r}", "invalid_parameter")
         if self.generator not in GENERATORS:
             raise AdapterError(f"generator must be one of {', '.join(GENERATORS)}, got {self.generator!r}",
                                "invalid_parameter")
@@ -157,9 +171,13 @@ class TransLoraConfig:
         number("top_p", 0.0, 1.0, lo_open=True)
         number("auto_min_yield", 0.0, 1.0)
         number("mutation_rate", 0.0, 1.0)
-        number("disc_quantile", 0.0, 1.0)
+        number("disc_quantile", 0.0, 0.5)
+        number("disc_slack", 0.0, 100.0)
+        number("label_drop", 0.0, 0.9)
         number("lr", 0.0, 1.0, lo_open=True)
         number("disc_lr", 0.0, 1.0, lo_open=True)
+        if isinstance(self.target_modules, list):  # JSON job parameters have no tuples
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.target_modules is not None and (
                 not isinstance(self.target_modules, tuple) or not self.target_modules
                 or not all(isinstance(m, str) and m for m in self.target_modules)):
@@ -340,8 +358,28 @@ def _char_class(c: str) -> str:
     return c  # punctuation and spaces are structure: kept as they are
 
 
+_CLASS_ALPHABETS = {"lower": "abcdefghijklmnopqrstuvwxyz", "upper": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                    "digit": "0123456789"}
+
+
+def _class_pools(middles: Sequence[str], closure: bool) -> dict[str, list[str]]:
+    """Characters per class in the seeds' middles; with `closure`, a class the seeds
+    already half cover is completed to its whole ASCII alphabet (16 caesar seeds hold
+    24 of the 26 letters: without this no synthetic input would ever contain the other two)."""
+    pools: dict[str, list[str]] = {}
+    for m in middles:
+        for c in m:
+            pools.setdefault(_char_class(c), []).append(c)
+    if closure:
+        for cls, alphabet in _CLASS_ALPHABETS.items():
+            have = set(pools.get(cls, ()))
+            if len(have & set(alphabet)) * 2 >= len(alphabet):
+                pools[cls] = sorted(set(alphabet) | have)
+    return pools
+
+
 def mutation_prompts(seed_prompts: Sequence[str], n: int, *, rate: float = 0.5, indel: int = 1,
-                     seed: int = 0) -> list[str]:
+                     seed: int = 0, closure: bool = False, in_range: bool = False) -> list[str]:
     """n prompts made by perturbing seed prompts with the seeds' own character statistics.
 
     The template (the prefix and suffix every seed shares) is kept; in the
@@ -353,10 +391,8 @@ def mutation_prompts(seed_prompts: Sequence[str], n: int, *, rate: float = 0.5, 
     """
     prefix, suffix = template_of(seed_prompts)
     middles = [p[len(prefix):len(p) - len(suffix)] for p in seed_prompts]
-    pools: dict[str, list[str]] = {}
-    for m in middles:
-        for c in m:
-            pools.setdefault(_char_class(c), []).append(c)
+    pools = _class_pools(middles, closure)
+    shortest, longest = min(map(len, middles)), max(map(len, middles))
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -364,6 +400,8 @@ def mutation_prompts(seed_prompts: Sequence[str], n: int, *, rate: float = 0.5, 
         chars = [rng.choice(pools[_char_class(c)]) if rng.random() < rate and _char_class(c) in pools else c
                  for c in chars]
         k = rng.randint(-indel, indel) if indel else 0
+        if in_range:  # the teacher only knows the seeds' lengths: 5-letter caesar words stay 5 letters
+            k = max(shortest - len(chars), min(longest - len(chars), k))
         for _ in range(abs(k)):
             alnum = [i for i, c in enumerate(chars) if c.isalnum()]
             if not alnum:
@@ -437,15 +475,24 @@ def generate_candidates(source_base_dir, target_base_dir, seeds: Sequence[dict],
     counts: Counter = Counter()
     info: dict = {"template": [prefix, suffix], "length_limits": list(limits), "requested": n}
     rows: list[dict] = []
+    raw: list[str] = []
     if cfg.generator in ("target", "source", "auto"):
         who = "source" if cfg.generator == "source" else "target"
         base = Path(source_base_dir if who == "source" else target_base_dir)
         model, tok = load_model(base), load_tokenizer(base)
-        raw = _lm_prompts(model, tok, prompts, prefix, suffix, n, cfg, limits, seed, progress)
-        del model
+        # "auto" samples a probe first: a base that writes no usable input is not asked n times.
+        probe = min(n, 64) if cfg.generator == "auto" else n
+        raw = _lm_prompts(model, tok, prompts, prefix, suffix, probe, cfg, limits, seed, progress)
         rows = _sanitise([{"prompt": p, "generator": who} for p in raw], prompts, prefix, suffix, limits, counts)
-        info[f"{who}_yield"] = round(len(rows) / n, 4)
-    if cfg.generator == "mutation" or (cfg.generator == "auto" and len(rows) < cfg.auto_min_yield * n):
+        if probe < n and len(rows) >= cfg.auto_min_yield * probe:
+            raw += _lm_prompts(model, tok, prompts, prefix, suffix, n - probe, cfg, limits, seed + 1, progress)
+            counts.clear()
+            rows = _sanitise([{"prompt": p, "generator": who} for p in raw], prompts, prefix, suffix, limits,
+                             counts)
+        del model
+        info[f"{who}_yield"] = round(len(rows) / len(raw), 4)
+        info[f"{who}_sampled"] = len(raw)
+    if cfg.generator == "mutation" or (cfg.generator == "auto" and len(rows) < cfg.auto_min_yield * len(raw)):
         # Mutation tops up to n usable prompts; it may repeat itself, so draw in rounds.
         seen = {r["prompt"] for r in rows}
         for round_ in range(8):
@@ -453,7 +500,8 @@ def generate_candidates(source_base_dir, target_base_dir, seeds: Sequence[dict],
             if need <= 0:
                 break
             drawn = mutation_prompts(prompts, 2 * need, rate=cfg.mutation_rate, indel=cfg.mutation_indel,
-                                     seed=seed * 31 + round_)
+                                     seed=seed * 31 + round_, closure=cfg.mutation_closure,
+                                     in_range=cfg.mutation_in_range)
             fresh = [{"prompt": p, "generator": "mutation"} for p in drawn if p not in seen]
             kept = _sanitise(fresh, prompts, prefix, suffix, limits, counts)[:need]
             seen.update(r["prompt"] for r in kept)
@@ -574,11 +622,91 @@ def discriminator_scores(model, tok, texts: Sequence[str], batch_size: int = 64)
     return out
 
 
+@torch.inference_mode()
+def likelihood_scores(model, tok, texts: Sequence[str], batch_size: int = 64) -> list[float]:
+    """Minus the mean cross-entropy per token of each text (after <s>) under a causal LM:
+    higher is more like what the model expects."""
+    out: list[float] = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for start in range(0, len(texts), batch_size):
+        seqs = [tok(t)["input_ids"] for t in texts[start:start + batch_size]]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for i, q in enumerate(seqs):
+            ids[i, :len(q)] = torch.tensor(q)
+            att[i, :len(q)] = 1
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        lab = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=-100,
+                                               reduction="none").sum(1)
+        n = (lab != -100).sum(1).clamp(min=1)
+        out += [round(-float(x), 6) for x in ce / n]
+    return out
+
+
+def _shape_check(seed_prompts: Sequence[str]) -> Callable[[str], bool]:
+    """True for a prompt shaped like the seeds: their template, a middle as long as
+    theirs (min..max) and made of character classes (lower, upper, digit) or
+    punctuation their middles use."""
+    prefix, suffix = template_of(seed_prompts)
+    middles = [p[len(prefix):len(p) - len(suffix)] for p in seed_prompts]
+    classes = {_char_class(c) for m in middles for c in m}
+    lo, hi = min(map(len, middles)), max(map(len, middles))
+
+    def ok(p: str) -> bool:
+        if not (p.startswith(prefix) and p.endswith(suffix) and len(p) >= len(prefix) + len(suffix)):
+            return False
+        middle = p[len(prefix):len(p) - len(suffix)]
+        return lo <= len(middle) <= hi and all(_char_class(c) in classes for c in middle)
+
+    return ok
+
+
+def _keep_calibrated(rows: list[dict], scores: list[float], cal: list[float], cfg: TransLoraConfig,
+                     floor: int, two_sided: bool = False) -> tuple[list[dict], list[float], bool]:
+    """Keep rows scoring at least the disc_quantile quantile of the held-out seeds' scores
+    (`two_sided`: also at most the 1 - disc_quantile quantile; the band is widened by
+    disc_slack times the seeds' spread). If fewer than `floor` pass, the `floor` rows
+    nearest the band are kept (an over-strict filter must not starve distillation)."""
+    cal = sorted(cal)
+    if not cal:
+        band = [0.5, math.inf]
+    else:
+        k = min(len(cal) - 1, int(cfg.disc_quantile * len(cal)))
+        lo, hi = cal[k], cal[len(cal) - 1 - k]
+        if two_sided:
+            slack = cfg.disc_slack * (cal[-1] - cal[0])
+            band = [round(lo - slack, 6), round(hi + slack, 6)]
+        else:
+            band = [lo, math.inf]
+
+    def distance(s: float) -> float:
+        return max(0.0, band[0] - s, s - band[1])
+
+    kept = [dict(r, disc_score=s) for r, s in zip(rows, scores, strict=True) if distance(s) == 0.0]
+    fallback = False
+    floor = min(len(rows), floor)
+    if len(kept) < floor:
+        best = sorted(range(len(rows)), key=lambda i: (distance(scores[i]), -scores[i], i))[:floor]
+        kept = [dict(rows[i], disc_score=scores[i]) for i in sorted(best)]
+        fallback = True
+    return kept, band, fallback
+
+
 def filter_candidates(source_base_dir, target_base_dir, seeds: Sequence[dict], rows: list[dict],
                       cfg: TransLoraConfig, *, seed: int, progress: Progress = None) -> tuple[list[dict], dict]:
     """(b) Keep the candidates the discriminator finds as real as held-out seeds.
 
-    Half the seeds (and a fresh draw of the same generator, plus random-string
+    `discriminator="likelihood"` (default): the score is minus the mean
+    per-token loss of the input under the source base (the base the teacher
+    adapter was trained on; the adapter itself is left out, its loss never
+    covered prompts and it blurs their likelihood). Nothing is trained, so
+    every seed is held out and calibrates a band: real inputs of one task
+    score alike (caesar seeds within 0.1 nats), random strings score lower
+    and degenerate ones ("aaaa") higher, so both ends are cut.
+
+    `discriminator="lora"` (the paper's classifier): half the seeds (and a fresh draw of the same generator, plus random-string
     negatives) train the discriminator; the other half calibrates it: the
     threshold is the `disc_quantile` quantile of their scores, so "real-like"
     means "scores like real inputs the discriminator never saw"."""
@@ -586,8 +714,29 @@ def filter_candidates(source_base_dir, target_base_dir, seeds: Sequence[dict], r
         return [dict(r) for r in rows], {"enabled": False, "kept": len(rows), "filter_rate": 0.0}
     if not rows:
         return [], {"enabled": True, "kept": 0, "filter_rate": 0.0}
-    rng = random.Random(seed)
     prompts = [s["prompt"] for s in seeds]
+    floor = max(8, len(seeds))
+    if cfg.discriminator == "likelihood":
+        if progress:
+            progress(0.0, f"scoring {len(rows)} inputs and {len(prompts)} seeds")
+        model, tok = load_model(source_base_dir), load_tokenizer(source_base_dir)
+        scores = likelihood_scores(model, tok, [r["prompt"] for r in rows])
+        cal = likelihood_scores(model, tok, prompts)
+        del model
+        # Outside the seeds' shape the likelihood is no evidence: such a row gets a score below any band.
+        shape = _shape_check(prompts)
+        bad_shape = [not shape(r["prompt"]) for r in rows]
+        floor_score = min(scores + cal) - 1e6
+        scores = [floor_score if b else x for x, b in zip(scores, bad_shape, strict=True)]
+        kept, threshold, fallback = _keep_calibrated(rows, scores, cal, cfg, floor, two_sided=True)
+        return kept, {
+            "enabled": True, "discriminator": "likelihood", "kept": len(kept), "off_shape": sum(bad_shape),
+            "filter_rate": round(1 - len(kept) / len(rows), 4), "threshold": threshold,
+            "calibration_scores": sorted(cal), "mean_score": round(sum(scores) / len(scores), 5),
+            "fallback_top_k": fallback,
+            "kept_by_generator": dict(sorted(Counter(r["generator"] for r in kept).items())),
+        }
+    rng = random.Random(seed)
     order = list(range(len(prompts)))
     rng.shuffle(order)
     # Two folds: each discriminator trains on half the seeds and scores the other half, so every
@@ -619,21 +768,11 @@ def filter_candidates(source_base_dir, target_base_dir, seeds: Sequence[dict], r
             cal += discriminator_scores(model, dtok, folds[1 - k])
         del model
     scores = [round(x, 6) for x in scores]
-    if cal:
-        cal = sorted(cal)
-        threshold = cal[min(len(cal) - 1, int(cfg.disc_quantile * len(cal)))]
-    else:
-        threshold = 0.5
-    kept = [dict(r, disc_score=s) for r, s in zip(rows, scores, strict=True) if s >= threshold]
-    fallback = False
-    floor = min(len(rows), max(8, len(seeds)))
-    if len(kept) < floor:  # an over-strict discriminator must not starve distillation
-        best = sorted(range(len(rows)), key=lambda i: (-scores[i], i))[:floor]
-        kept = [dict(rows[i], disc_score=scores[i]) for i in sorted(best)]
-        fallback = True
+    kept, threshold, fallback = _keep_calibrated(rows, scores, cal, cfg, floor)
+    cal = sorted(cal)
     info = {
-        "enabled": True, "kept": len(kept), "filter_rate": round(1 - len(kept) / len(rows), 4),
-        "threshold": threshold, "train_loss": losses, "folds": len(folds), "train_fake": len(fake),
+        "enabled": True, "discriminator": "lora", "kept": len(kept), "filter_rate": round(1 - len(kept) / len(rows), 4),
+        "threshold": threshold[0], "train_loss": losses, "folds": len(folds), "train_fake": len(fake),
         "calibration_scores": cal, "mean_score": round(sum(scores) / len(scores), 5), "fallback_top_k": fallback,
         "kept_by_generator": dict(sorted(Counter(r["generator"] for r in kept).items())),
     }
@@ -664,8 +803,33 @@ def label(source_base_dir, adapter: Adapter, seeds: Sequence[dict], rows: list[d
                 out.append(dict(r, completion=a))
         if progress:
             progress(min(1.0, (start + step) / max(1, len(rows))), f"labelled {min(len(rows), start + step)}")
-    return out, {"labelled": len(out), "unterminated": unterminated, "max_new_tokens": max_new,
-                 "empty": sum(1 for r in out if not r["completion"])}
+    info = {"unterminated": unterminated, "max_new_tokens": max_new}
+    if out:
+        losses = _example_losses(model, tok, out)
+        for r, v in zip(out, losses, strict=True):
+            r["teacher_loss"] = v
+        if cfg.label_drop > 0:
+            # Greedy answers the teacher itself finds unlikely are the ones it gets wrong most often.
+            keep = sorted(range(len(out)), key=lambda i: (losses[i], i))[:max(1, round(len(out) * (1 - cfg.label_drop)))]
+            info["dropped_unconfident"] = len(out) - len(keep)
+            info["max_teacher_loss"] = max(losses[i] for i in keep)
+            out = [out[i] for i in sorted(keep)]
+    info.update(labelled=len(out), empty=sum(1 for r in out if not r["completion"]))
+    return out, info
+
+
+@torch.inference_mode()
+def _example_losses(model, tok, items: Sequence[dict], batch_size: int = 64) -> list[float]:
+    """Mean cross-entropy per completion token (EOS included) of each example."""
+    out: list[float] = []
+    for start in range(0, len(items), batch_size):
+        ids, att, lab = _sft_batch(tok, items[start:start + batch_size])
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        lab = lab[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=-100,
+                                               reduction="none").sum(1)
+        out += [round(float(x), 6) for x in ce / (lab != -100).sum(1).clamp(min=1)]
+    return out
 
 
 # --- (d) distillation -----------------------------------------------------------------------------
@@ -902,4 +1066,13 @@ def run(source_base_dir, adapter: Adapter | str | os.PathLike, target_base_dir, 
     n = report["generate"]["requested"]
     report["counts"] = {"requested": n, "generated": len(candidates), "kept": len(kept), "labelled": len(labelled)}
     report["filter_rate"] = report["filter"]["filter_rate"]
+    # The same gate as diff transfer's quality_gate (adapters_ops.transfer), on seed accuracy,
+    # so the worker and the CLI read both kinds of transfer alike.
+    gate = {"source_with_adapter": metrics["source"]["accuracy"], "target_base": metrics["target_base"]["accuracy"],
+            "target_with_transferred": metrics["result"]["accuracy"]}
+    gain = gate["source_with_adapter"] - gate["target_base"]
+    kept_gain = gate["target_with_transferred"] - gate["target_base"]
+    report["metrics"] = gate
+    report["recovered"] = round(kept_gain / gain, 5) if gain > 0 else None
+    report["verified"] = kept_gain > 0
     return result, report

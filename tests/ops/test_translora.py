@@ -6,6 +6,8 @@ the building blocks (template, mutation generator, config checks) behave."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -59,17 +61,39 @@ def test_mutation_keeps_template_classes_and_is_seeded():
     assert len(set(a) - set(seeds)) > 150  # new inputs, not seed copies
     longer = tl.mutation_prompts(seeds, 200, rate=0.0, indel=3, seed=1)
     assert {len(p) for p in longer} == set(range(len(seeds[0]) - 3, len(seeds[0]) + 4))
+    # in_range: insertions and deletions stay within the seeds' lengths (here all 16 characters)
+    assert {len(p) for p in tl.mutation_prompts(seeds, 200, rate=0.0, indel=3, seed=1, in_range=True)} == {16}
+    mixed = ["digitsum 12=", "digitsum 3456=", "digitsum 789="]
+    assert {len(p) for p in tl.mutation_prompts(mixed, 300, indel=2, seed=1, in_range=True)} == {12, 13, 14}
+
+
+@pytest.mark.parametrize("seeds, closure, letters", [
+    # 24 of 26 letters (no l, w): the class is more than half covered and completed
+    (["caesar abcde=", "caesar fghij=", "caesar kmnop=", "caesar qrstu=", "caesar vxyza="], True, 26),
+    (["caesar abcde=", "caesar fghij=", "caesar kmnop=", "caesar qrstu=", "caesar vxyza="], False, 24),
+    (["caesar abcde=", "caesar abcdf="], True, 6),  # a few letters: left as they are
+])
+def test_mutation_class_closure(seeds, closure, letters):
+    out = tl.mutation_prompts(seeds, 2000, rate=1.0, indel=0, seed=0, closure=closure)
+    assert len({c for p in out for c in p[len("caesar "):-1]}) == letters
 
 
 @pytest.mark.parametrize("kwargs", [
     dict(generator="gpt"), dict(n_synthetic=0), dict(steps=-1), dict(top_p=0.0), dict(temperature=0),
     dict(lr=float("nan")), dict(disc_quantile=1.5), dict(rank=0), dict(min_chars=9, max_chars=3),
-    dict(target_modules=()), dict(shots=True),
+    dict(target_modules=()), dict(shots=True), dict(discriminator="svm"), dict(disc_slack=-1),
+    dict(filter="yes"), dict(disc_quantile=0.6),
 ])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(AdapterError) as exc:
         tl.TransLoraConfig(**kwargs)
     assert exc.value.code == "invalid_parameter"
+
+
+def test_config_from_json_parameters_round_trips():
+    cfg = tl.TransLoraConfig(**{"steps": 40, "target_modules": ["q_proj", "v_proj"], "discriminator": "lora"})
+    assert cfg.target_modules == ("q_proj", "v_proj")
+    assert tl.TransLoraConfig(**json.loads(json.dumps(cfg.as_dict()))) == cfg
 
 
 def test_generate_sanitises_and_records_the_generator(zoo):
@@ -89,14 +113,14 @@ def test_generate_sanitises_and_records_the_generator(zoo):
 # --- (b) discriminator ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 open: on the final zoo the discriminator keeps random strings "
-                   "(see docs/translora.md, status)")
-def test_discriminator_rejects_random_strings_more_than_real_inputs(zoo):
+@pytest.mark.parametrize("discriminator", ["likelihood"])
+def test_discriminator_rejects_random_strings_more_than_real_inputs(zoo, discriminator):
     """filter_candidates as run() calls it, on candidates that are half random strings and half
-    real task inputs the discriminator never saw (the test split)."""
+    real task inputs the discriminator never saw (the test split). The paper's LoRA classifier
+    ("lora") is not in the table: trained from 8 seeds it keeps random strings (docs/translora.md)."""
     import random
 
-    cfg = tl.TransLoraConfig(**{**FAST, "disc_steps": 60, "batch_size": 16})
+    cfg = tl.TransLoraConfig(**{**FAST, "discriminator": discriminator})
     rng = random.Random(9)
     chars = "abcdefghijklmnopqrstuvwxyz0123456789 =#?"
     junk = ["".join(rng.choice(chars) for _ in range(rng.randint(6, 16))) for _ in range(32)]
@@ -108,8 +132,34 @@ def test_discriminator_rejects_random_strings_more_than_real_inputs(zoo):
     assert junk_kept <= 0.25 and real_kept >= 0.6 and real_kept - junk_kept >= 0.4
     assert info["filter_rate"] == pytest.approx(1 - len(kept) / len(rows), abs=1e-4) and not info["fallback_top_k"]
     score = {r["prompt"]: r["disc_score"] for r in kept}
-    assert all(score[p] >= info["threshold"] for p in score)
+    lo, hi = info["threshold"] if discriminator == "likelihood" else (info["threshold"], float("inf"))
+    assert all(lo <= score[p] <= hi for p in score)
     assert set(score) <= set(junk) | set(real)
+
+
+def test_shape_check_follows_the_seeds_template_length_and_classes():
+    ok = tl._shape_check(["digitsum 12=", "digitsum 3456=", "digitsum 789="])
+    assert [ok(p) for p in ("digitsum 00=", "digitsum 9999=", "digitsum 1=", "digitsum 12345=", "digitsum 1a=",
+                            "digitsum 12", "reverse 12=", "digitsum 1-2=")] == [True, True, False, False, False,
+                                                                               False, False, False]
+
+
+# --- (c) labels ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.25])
+def test_labels_carry_the_teacher_loss_and_label_drop_removes_the_least_confident(zoo, drop):
+    rows = [{"prompt": t["prompt"], "generator": "real"} for t in zoo["test"][:24]]
+    cfg = tl.TransLoraConfig(**{**FAST, "label_drop": drop})
+    out, info = tl.label(zoo["src"], zoo["adapter"], zoo["seeds"], rows, cfg)
+    assert info["labelled"] == len(out) == 24 - round(24 * drop)
+    want = {t["prompt"]: t["completion"] for t in zoo["test"]}
+    assert all(r["completion"] == want[r["prompt"]] for r in out)  # caesar's teacher is right on real inputs
+    if drop:
+        everything, _ = tl.label(zoo["src"], zoo["adapter"], zoo["seeds"], rows, tl.TransLoraConfig(**FAST))
+        dropped = [r for r in everything if r["prompt"] not in {o["prompt"] for o in out}]
+        assert min(r["teacher_loss"] for r in dropped) >= max(r["teacher_loss"] for r in out) == info[
+            "max_teacher_loss"]
 
 
 # --- (d) distillation ------------------------------------------------------------------------
@@ -166,14 +216,13 @@ def test_resume_after_label_skips_finished_stages_and_equals_an_uninterrupted_ru
     store = tl.DirCheckpoint(tmp_path / "ckpt")
     with pytest.raises(Stop):
         tl.run(*args, progress=stop_after_label, checkpoint=store)
-    # generate_candidates also draws the discriminator's negatives inside filter_candidates
-    assert calls == {"generate_candidates": 2, "filter_candidates": 1, "label": 1, "distill": 0}
+    assert calls == {"generate_candidates": 1, "filter_candidates": 1, "label": 1, "distill": 0}
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["filter.ckpt", "generate.ckpt", "label.ckpt"]
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and all(0.0 <= f <= 1.0 for f in fractions)
 
     resumed, rep = tl.run(*args, checkpoint=store)
-    assert calls == {"generate_candidates": 2, "filter_candidates": 1, "label": 1, "distill": 1}
+    assert calls == {"generate_candidates": 1, "filter_candidates": 1, "label": 1, "distill": 1}
     assert rep["resumed"] == ["generate", "filter", "label"] and rep["stale"] == []
 
     plain, ref = tl.run(*args)  # uninterrupted, no store
@@ -191,6 +240,11 @@ def test_resume_after_label_skips_finished_stages_and_equals_an_uninterrupted_ru
     assert ref["generate"]["by_generator"] == {"mutation": c["generated"]}
     m = ref["seed_metrics"]
     assert set(m) == {"target_base", "result", "source"} and m["source"]["n"] == len(zoo["seeds"])
+    # the diff-transfer gate's names, as the worker reads them; the whole report is JSON
+    assert ref["metrics"] == {"source_with_adapter": m["source"]["accuracy"], "target_base": m["target_base"][
+        "accuracy"], "target_with_transferred": m["result"]["accuracy"]}
+    assert ref["verified"] == (m["result"]["accuracy"] > m["target_base"]["accuracy"])
+    assert json.loads(json.dumps(ref, allow_nan=False)) == json.loads(json.dumps(ref))
     assert m["result"]["loss"] < m["target_base"]["loss"]  # a cut-down run already learns something
     assert plain.config["base_model_name_or_path"] == "tiny-llama-3.1"
 
