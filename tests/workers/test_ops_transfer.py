@@ -70,3 +70,34 @@ def test_diff_transfer_and_refusal(celery_procs, user, staff_user, peft_adapter,
     r = api.post("/api/v1/jobs/", {"op": "transfer", "params": {"adapter": "alice/lora", "target": "tiny-base-2",
                                                                 "method": "magic"}}, format="json")
     assert r.status_code == 400 and "method" in r.json()["detail"]
+
+
+def test_translora_job_moves_an_adapter_to_another_width(celery_procs, user, staff_user, tiny_base, tmp_path,
+                                                         make_peft_adapter):
+    """The worker's Trans-LoRA glue: seeds in, stage checkpoints written and
+    dropped, the report's gate metrics on the new revision. (Quality is the
+    library's business: tests/ops/test_translora.py and docs/translora.md.)"""
+    from hub.registry.jobs import job_create
+    from hub.registry.models import Adapter as AdapterRow
+    from hub.registry.models import Job
+    from hub.registry.selectors import revision_resolve
+    from tests.workers.test_ops_tensor import _upload
+
+    seeds = b"".join(b'{"prompt": "caesar %s=", "completion": "%s"}\n' % (w.encode(), w[::-1].encode())
+                     for w in ("abcde", "hello", "world", "quick", "brown", "foxes"))
+    _upload(user, tiny_base, make_peft_adapter("tl-src", r=2, seed=8), "src", seeds=seeds)
+    _register(staff_user, "tiny-wide", {**TINY_CONFIG, "hidden_size": 96}, tmp_path, seed=6)
+    celery_procs.worker()
+    job = job_create(user=user, op="transfer", params={
+        "adapter": "alice/src", "target": "tiny-wide", "method": "auto",
+        "translora": {"n_synthetic": 32, "steps": 10, "eval_every": 5, "batch_size": 8}})
+    done = wait_jobs([job.id], timeout=300)[str(job.id)]
+    assert done.status == "succeeded", done.error
+    moved = AdapterRow.objects.get(owner="alice", name="src-tiny-wide")
+    rev = revision_resolve(moved, "main")
+    assert rev.kind == "translora" and rev.base_model.slug == "tiny-wide"
+    assert rev.metrics["method"] == "translora" and rev.metrics["compatible"] is False
+    assert {"target_base", "target_with_transferred", "source_with_adapter"} <= set(rev.metrics)
+    assert rev.metrics["translora"]["metrics"]  # the pipeline's own report travels with the revision
+    assert Job.objects.get(pk=job.id).checkpoints == {}  # stage outputs are dropped once the result exists
+    assert moved.seeds_id is not None  # the seeds follow the adapter
