@@ -142,6 +142,28 @@ def _completion_ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
+def sft_batch(tok, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `<s> prompt completion </s>` ids, attention mask and labels;
+    labels only on the completion and its EOS (the prompt is context). The one
+    definition of a completion target: scoring here and every trainer use it."""
+    seqs, masks = [], []
+    for ex in examples:
+        p = tok(ex["prompt"])["input_ids"]  # with <s> where the tokenizer adds one
+        c = _completion_ids(tok, ex["completion"])
+        seqs.append(p + c)
+        masks.append([False] * len(p) + [True] * len(c))
+    width = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    lab = torch.full_like(ids, -100)
+    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+        ids[i, :len(s)] = torch.tensor(s)
+        att[i, :len(s)] = 1
+        lab[i, :len(s)] = torch.where(torch.tensor(m), torch.tensor(s), -100)
+    return ids, att, lab
+
+
 @torch.inference_mode()
 def completion_loss(model, tok, examples: Sequence[dict], batch_size: int = 64) -> float:
     """Mean cross-entropy per completion token (EOS included), prompt tokens masked."""
@@ -149,20 +171,7 @@ def completion_loss(model, tok, examples: Sequence[dict], batch_size: int = 64) 
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        seqs, masks = [], []
-        for ex in chunk:
-            p = tok(ex["prompt"])["input_ids"]  # with <s>
-            c = _completion_ids(tok, ex["completion"])
-            seqs.append(p + c)
-            masks.append([0] * len(p) + [1] * len(c))
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        lab = torch.full_like(ids, -100)
-        for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-            ids[i, :len(s)] = torch.tensor(s)
-            att[i, :len(s)] = 1
-            lab[i, :len(s)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(s), -100)
+        ids, att, lab = sft_batch(tok, chunk)
         logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float()
         lab = lab[:, 1:].to(dev)
         losses = torch.nn.functional.cross_entropy(

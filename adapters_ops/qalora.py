@@ -65,6 +65,7 @@ from safetensors.torch import save_file
 
 from .adapter import Adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
+from .evaluate import sft_batch as _sft_batch
 
 Progress = Callable[[float, str], None] | None
 
@@ -610,23 +611,6 @@ def _collect(adapter: Adapter, wrappers: dict[str, QALoRALinear]) -> Adapter:
     return Adapter(config=dict(adapter.config), tensors=tensors)
 
 
-def _sft_batch(tok, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded <s> prompt completion </s>; labels only on completion + EOS (as evaluate scores it)."""
-    seqs, masks = [], []
-    for ex in examples:
-        p = tok(ex["prompt"])["input_ids"]
-        c = tok(ex["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + c)
-        masks.append([0] * len(p) + [1] * len(c))
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    lab = torch.full_like(ids, -100)
-    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-        lab[i, :len(s)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(s), -100)
-    return ids, att, lab
 
 
 def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], *, steps: int = 40,

@@ -50,6 +50,7 @@ import torch
 
 from .adapter import _LORA_KEY, Adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
+from .evaluate import sft_batch as _sft_batch
 
 __all__ = [
     "Compatibility",
@@ -512,25 +513,6 @@ def _read_examples(examples) -> list[dict]:
     return items
 
 
-def _sft_batch(tok, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels; labels only on the completion
-    tokens and the EOS after them (the prompt is context, not a target)."""
-    seqs, masks = [], []
-    for it in items:
-        p = tok(it["prompt"])["input_ids"]  # with BOS where the tokenizer adds one
-        c = tok(it["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + c)
-        masks.append([False] * len(p) + [True] * len(c))
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-        labels[i, :len(s)] = torch.where(torch.tensor(m), torch.tensor(s), -100)
-    return ids, att, labels
 
 
 def _require_fits(adapter: Adapter, manifest: Mapping[str, dict]) -> None:

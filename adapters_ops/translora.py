@@ -60,6 +60,7 @@ from .evaluate import (
     load_tokenizer,
     read_examples,
 )
+from .evaluate import sft_batch as _sft_batch
 
 __all__ = [
     "DirCheckpoint",
@@ -835,24 +836,6 @@ def _example_losses(model, tok, items: Sequence[dict], batch_size: int = 64) -> 
 # --- (d) distillation -----------------------------------------------------------------------------
 
 
-def _sft_batch(tok, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, mask and labels on the completion and its EOS only."""
-    seqs, masks = [], []
-    for it in items:
-        p = tok(it["prompt"])["input_ids"]
-        c = tok(it["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(p + c)
-        masks.append([False] * len(p) + [True] * len(c))
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    lab = torch.full_like(ids, -100)
-    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-        ids[i, :len(s)] = torch.tensor(s)
-        att[i, :len(s)] = 1
-        lab[i, :len(s)] = torch.where(torch.tensor(m), torch.tensor(s), -100)
-    return ids, att, lab
 
 
 def _student_shape(adapter: Adapter, target_model, cfg: TransLoraConfig) -> tuple[int, int, list[str]]:
