@@ -101,3 +101,47 @@ def test_translora_job_moves_an_adapter_to_another_width(celery_procs, user, sta
     assert rev.metrics["translora"]["metrics"]  # the pipeline's own report travels with the revision
     assert Job.objects.get(pk=job.id).checkpoints == {}  # stage outputs are dropped once the result exists
     assert moved.seeds_id is not None  # the seeds follow the adapter
+
+
+def _register_dir(staff_user, slug, folder):
+    from hub.registry.services import IncomingFile, base_model_register
+
+    files = [IncomingFile(p.name, open(p, "rb")) for p in sorted(folder.iterdir()) if p.is_file()]
+    try:
+        return base_model_register(slug=slug, files=files, user=staff_user)
+    finally:
+        for f in files:
+            f.fileobj.close()
+
+
+def test_translora_job_resumes_after_a_worker_dies_in_distillation(celery_procs, user, staff_user, zoo_dir):
+    """Issue 9: a worker killed during distillation; the re-run reads the stored
+    generate/filter/label stages back instead of recomputing them."""
+    from hub.registry.jobs import job_create
+    from hub.registry.models import Adapter as AdapterRow
+    from hub.registry.models import Job
+    from hub.registry.selectors import revision_resolve
+    from tests.live_workers import wait_until
+    from tests.workers.test_ops_tensor import _upload
+
+    source = _register_dir(staff_user, "tiny-llama-3.0", zoo_dir / "bases" / "tiny-llama-3.0")
+    _register_dir(staff_user, "tiny-other-1.0", zoo_dir / "bases" / "tiny-other-1.0")
+    _upload(user, source, zoo_dir / "adapters" / "caesar", "caesar",
+            seeds=(zoo_dir / "tasks" / "caesar" / "seed.jsonl").read_bytes())
+    first = celery_procs.worker("doomed")
+    job = job_create(user=user, op="translora", params={
+        "adapter": "alice/caesar", "target": "tiny-other-1.0",
+        "translora": {"n_synthetic": 64, "steps": 400, "eval_every": 1000, "patience": 100, "batch_size": 8}})
+    # the labelled data is stored: the job is distilling now
+    wait_until(lambda: "label" in (Job.objects.get(pk=job.id).checkpoints or {}), timeout=180,
+               what="the label stage's checkpoint")
+    first.killpg()
+    celery_procs.worker("rescuer")
+    celery_procs.beat()
+    done = wait_jobs([job.id], timeout=400)[str(job.id)]
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2 and done.worker.startswith("rescuer@")
+    rev = revision_resolve(AdapterRow.objects.get(owner="alice", name="caesar-tiny-other-1.0"), "main")
+    report = rev.metrics["translora"]
+    assert {"generate", "filter", "label"} <= set(report["resumed"]), report["resumed"]
+    assert report["stale"] == []
