@@ -32,7 +32,6 @@ and where we differ from the paper: docs/translora.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,13 +42,14 @@ import struct
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from ._zoo_train import deterministic  # fixed threads + deterministic kernels, restored after
 from .adapter import Adapter
 from .errors import AdapterError, IncompatibleAdapters
 from .evaluate import (
@@ -264,19 +264,6 @@ def _report(progress: Progress, stage: str, fraction: float, message: str) -> No
     if progress is not None:
         lo, hi = _SPAN[stage]
         progress(min(1.0, max(0.0, lo + (hi - lo) * fraction)), f"{stage}: {message}")
-
-
-@contextlib.contextmanager
-def _deterministic(threads: int | None) -> Iterator[None]:
-    """Fixed threads + deterministic kernels for the run, restored afterwards."""
-    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_det)
-        torch.set_num_threads(old_threads)
 
 
 def _stage_seed(seed: int, stage: str) -> int:
@@ -1008,7 +995,7 @@ def run(source_base_dir, adapter: Adapter | str | os.PathLike, target_base_dir, 
         _report(progress, stage, 1.0, "done")
         return rows
 
-    with _deterministic(cfg.threads):
+    with deterministic(cfg.threads or min(2, os.cpu_count() or 1)):
         candidates = jsonl_stage("generate", lambda: generate_candidates(
             source_base_dir, target_base_dir, seeds, cfg, seed=_stage_seed(cfg.seed, "generate"),
             progress=sub("generate")))
