@@ -221,8 +221,7 @@ class AdapterFile(APIView):
         blob = selectors.revision_files(rev).get(path)
         if blob is None:
             raise selectors.NotFound("entry_not_found", f"{path} is not in revision {rev.sha[:12]} of {adapter.repo_id}.")
-        if request.method == "GET" and not request.headers.get("Range"):
-            Adapter.objects.filter(pk=adapter.pk).update(downloads=adapter.downloads + 1)
+        services.count_download(adapter, request)
         return blob_response(request, blob, path, {"X-Revision": rev.sha})
 
 

@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.core.cache import cache
-from django.db.models import F, Q
+from django.db.models import Q
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -504,9 +504,8 @@ def resolve(request, repo, rev, path):
     headers = {"X-Repo-Commit": snap.sha, "ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(entry.size)}
     if entry.content is not None:
         return _bytes_response(request, entry.content, path, headers)
-    if snap.adapter is not None and request.method == "GET" and not request.headers.get("Range"):
-        # Same rule as the REST files route: a full GET of a stored file counts.
-        Adapter.objects.filter(pk=snap.adapter.pk).update(downloads=F("downloads") + 1)
+    if snap.adapter is not None:
+        services.count_download(snap.adapter, request)
     return blob_response(request, entry.blob, path, headers)
 
 

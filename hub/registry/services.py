@@ -343,3 +343,12 @@ def adapter_delete(*, adapter: Adapter) -> None:
     with transaction.atomic():
         adapter.delete()
     delete_unreferenced(blobs)
+
+
+def count_download(adapter: Adapter, request) -> None:
+    """One download per full GET of a stored file (HEAD and Range requests of a
+    resumed transfer do not count). Shared by the REST and HF file routes."""
+    from django.db.models import F
+
+    if request.method == "GET" and not request.headers.get("Range"):
+        Adapter.objects.filter(pk=adapter.pk).update(downloads=F("downloads") + 1)
