@@ -333,3 +333,13 @@ def test_web_process_does_not_import_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_downloads_count_full_gets_only(api, client_for, tiny_base, adapter_dir):
+    assert upload(api, adapter_dir).status_code == 201
+    anon, route = client_for(None), "/api/v1/adapters/alice/skill/files/adapter_model.safetensors"
+    b"".join(anon.get(route).streaming_content)
+    b"".join(anon.get(route, HTTP_RANGE="bytes=10-").streaming_content)  # a resumed transfer: not counted
+    anon.head(route)  # not counted
+    b"".join(anon.get("/alice/skill/resolve/main/adapter_model.safetensors").streaming_content)  # HF route
+    assert Adapter.objects.get(owner="alice", name="skill").downloads == 2
