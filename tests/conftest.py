@@ -208,3 +208,40 @@ def s3_storage(seaweedfs, settings, monkeypatch):
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
     return seaweedfs
+
+
+# --- a webhook receiver -----------------------------------------------------------
+
+
+@pytest.fixture
+def webhook_receiver():
+    """A real HTTP server on 127.0.0.1 that records every POST (headers, body)
+    and answers with the next status of `receiver.replies` (then 204)."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(requests=[], replies=[])
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            with lock:
+                rec.requests.append(SimpleNamespace(path=self.path, headers={k.lower(): v for k, v in self.headers.items()}, body=body,
+                                                    json=json.loads(body)))
+                code = rec.replies.pop(0) if rec.replies else 204
+            self.send_response(code)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    yield rec
+    server.shutdown()
+    server.server_close()

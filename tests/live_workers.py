@@ -33,6 +33,8 @@ FAST_ENV = {
     "JOB_RETRY_BACKOFF_MAX": "1",
     "JOB_PROGRESS_INTERVAL": "0.05",
     "JOB_MAX_ATTEMPTS": "3",
+    "WEBHOOK_ALLOW_PRIVATE": "1",  # test receivers listen on 127.0.0.1
+    "WEBHOOK_RETRY_DELAYS": "0.5,0.5",
 }
 
 

@@ -47,12 +47,13 @@ app.conf.update(
         **{spec.task_name: {"queue": spec.queue} for spec in catalog.OPS.values()},
         "workers.reaper.reap": {"queue": "cpu"},
         "workers.retransfer.sweep": {"queue": "cpu"},
+        "workers.webhooks.deliver": {"queue": "cpu"},
     },
     task_annotations={
         spec.task_name: {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
         for spec in catalog.OPS.values()
     },
-    include=sorted({spec.module for spec in catalog.OPS.values()} | {"workers.reaper", "workers.retransfer"}),
+    include=sorted({spec.module for spec in catalog.OPS.values()} | {"workers.reaper", "workers.retransfer", "workers.webhooks"}),
     beat_schedule={
         "reap-jobs": {
             "task": "workers.reaper.reap",

@@ -21,10 +21,11 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from hub.registry import jobs
+from hub.registry import jobs, webhooks
 from hub.registry.models import Job
 from workers import catalog, knob
 from workers.app import app
+from workers.webhooks import resend_lost
 
 log = logging.getLogger("workers.reaper")
 
@@ -61,12 +62,14 @@ def reap(now=None) -> dict[str, int]:
                 status="failed", error=f"unknown_op: no worker knows the op {op!r}.", finished_at=now,
                 message=f"Failed: unknown op {op!r}.",
             )
+            webhooks.job_finished(pk)
             counts["failed"] += 1
             continue
         if jobs.message_pending(pk):
             continue  # its message is still in the broker, just behind others
         if jobs.job_resend(job_id=pk, sent_before=sent_before):
             counts["resent"] += 1
+    counts["webhooks_resent"] = resend_lost(now)
     if any(counts.values()):
         log.warning("reaper: %s", counts)
     return counts
@@ -80,6 +83,7 @@ def _close(pk, cutoff, *, status: str, message: str, error: str = "") -> bool:
     )
     if n:
         drop_checkpoints(pk)
+        webhooks.job_finished(pk)
     return bool(n)
 
 

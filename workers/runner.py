@@ -40,7 +40,7 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from adapters_ops.errors import AdapterError
-from hub.registry import jobs, selectors, services, validation
+from hub.registry import jobs, selectors, services, validation, webhooks
 from hub.registry.models import Adapter, BaseModel, Blob, Job, Revision
 from hub.registry.selectors import NotFound
 from hub.registry.services import Forbidden
@@ -447,6 +447,7 @@ def _succeed(ctx: JobContext, result) -> str:
             ctx.ours().update(status="succeeded", progress=1.0, message=done.message[:300], error="",
                               finished_at=timezone.now())
     drop_checkpoints(job.id)
+    webhooks.job_finished(job.id)
     return "succeeded"
 
 
@@ -477,6 +478,7 @@ def _finish(ctx: JobContext, status: str, error: str = "", message: str = "") ->
     if not n:
         return "lost"
     drop_checkpoints(ctx.id)
+    webhooks.job_finished(ctx.id)
     return status
 
 

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from hub.registry.models import Adapter, BaseModel, Job, Revision, RevisionFile
+from hub.registry.models import Adapter, BaseModel, Job, Revision, RevisionFile, Webhook, WebhookDelivery
 from hub.registry.selectors import refs_of
 
 
@@ -148,3 +148,39 @@ class JobSerializer(serializers.ModelSerializer):
 class JobCreateSerializer(serializers.Serializer):
     op = serializers.CharField(max_length=32, help_text="validate, compress, merge, transfer, translora, quantize")
     params = serializers.DictField(required=False, default=dict, help_text="the op's parameters (JSON object)")
+
+
+class WebhookSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Webhook
+        fields = ["id", "owner", "url", "events", "active", "description", "created_at"]
+
+
+class WebhookCreatedSerializer(WebhookSerializer):
+    """The reply to a create or a secret rotation: the only time the secret is shown."""
+
+    class Meta(WebhookSerializer.Meta):
+        fields = WebhookSerializer.Meta.fields + ["secret"]
+
+
+class WebhookCreateSerializer(serializers.Serializer):
+    url = serializers.CharField(max_length=500)
+    owner = serializers.CharField(max_length=96, required=False,
+                                  help_text="the user or organization whose adapters it watches (default: you)")
+    events = serializers.ListField(child=serializers.CharField(max_length=32), required=False,
+                                   help_text="adapter.moved, adapter.move_failed, job.finished (default: all)")
+    description = serializers.CharField(max_length=200, required=False, allow_blank=True)
+
+
+class WebhookPatchSerializer(serializers.Serializer):
+    url = serializers.CharField(max_length=500, required=False)
+    events = serializers.ListField(child=serializers.CharField(max_length=32), required=False)
+    active = serializers.BooleanField(required=False)
+    description = serializers.CharField(max_length=200, required=False, allow_blank=True)
+
+
+class WebhookDeliverySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = WebhookDelivery
+        fields = ["id", "event", "status", "attempts", "response_status", "error", "next_attempt_at", "created_at",
+                  "finished_at", "payload"]

@@ -2,6 +2,7 @@ from django.urls import path, re_path
 
 from . import jobs as job_views
 from . import views
+from . import webhooks as webhook_views
 
 app_name = "api"
 
@@ -22,4 +23,9 @@ urlpatterns = [
     path("jobs/", job_views.JobList.as_view(), name="job-list"),
     path("jobs/<str:pk>/", job_views.JobDetail.as_view(), name="job-detail"),
     path("jobs/<str:pk>/cancel", job_views.JobCancel.as_view(), name="job-cancel"),
+    path("webhooks/", webhook_views.WebhookList.as_view(), name="webhook-list"),
+    path("webhooks/<str:pk>/", webhook_views.WebhookDetail.as_view(), name="webhook-detail"),
+    path("webhooks/<str:pk>/ping", webhook_views.WebhookPing.as_view(), name="webhook-ping"),
+    path("webhooks/<str:pk>/rotate-secret", webhook_views.WebhookRotateSecret.as_view(), name="webhook-rotate"),
+    path("webhooks/<str:pk>/deliveries", webhook_views.WebhookDeliveries.as_view(), name="webhook-deliveries"),
 ]

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import diff, progress
+from hub.cli import diff, progress, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -873,6 +873,7 @@ def build_parser() -> Parser:
     s.set_defaults(func=cmd_quantize)
 
     diff.add_parsers(sub)
+    webhook.add_parsers(sub, as_json)
     return p
 
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from workers import catalog, knob
 
-from . import selectors
+from . import selectors, webhooks
 from .models import Job
 from .services import Conflict, Forbidden, check_can_write
 
@@ -139,6 +139,7 @@ def job_cancel(*, job: Job) -> Job:
         if Job.objects.filter(pk=job.pk, status="queued").update(
             status="cancelled", cancel_requested=True, finished_at=now, message="Cancelled before it started.",
         ):
+            transaction.on_commit(lambda: webhooks.job_finished(job.pk))
             break
         if Job.objects.filter(pk=job.pk, status="running").update(cancel_requested=True, message="Cancelling…"):
             break

@@ -242,3 +242,58 @@ class Job(models.Model):
 
     def __str__(self):
         return f"{self.op} {self.id} ({self.status})"
+
+
+class Webhook(models.Model):
+    """An owner's subscription to events about its adapters (moved to a new
+    base, move failed, job finished). Deliveries are signed with `secret` in
+    the Standard Webhooks scheme (docs/webhooks.md); the secret is kept in
+    clear because signing needs it, and shown to the owner only at creation."""
+
+    EVENTS = ["adapter.moved", "adapter.move_failed", "job.finished"]
+
+    owner = models.CharField(max_length=96, validators=[name_validator], db_index=True)
+    url = models.URLField(max_length=500)
+    secret = models.CharField(max_length=80)
+    events = models.JSONField(default=list)
+    active = models.BooleanField(default=True)
+    description = models.CharField(max_length=200, blank=True, default="")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["owner", "id"]
+
+    def __str__(self):
+        return f"{self.owner} -> {self.url}"
+
+
+class WebhookDelivery(models.Model):
+    """One event sent (or being sent) to one webhook. Its id is the
+    `webhook-id` header: the same on every retry, so receivers can de-duplicate."""
+
+    STATUS = [(s, s) for s in ("pending", "delivered", "failed")]
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=32)
+    # what makes an event unique for a webhook ("job.finished:<job id>"): a
+    # job finishing is announced once, however often the hook runs
+    dedupe_key = models.CharField(max_length=120)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=12, choices=STATUS, default="pending", db_index=True)
+    attempts = models.IntegerField(default=0)
+    # when a worker may next try it; a worker trying it pushes this forward
+    # first (a lease), so a duplicate message finds it taken
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    response_status = models.IntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["webhook", "dedupe_key"], name="unique_delivery")]
+
+    def __str__(self):
+        return f"{self.event} -> {self.webhook_id} ({self.status})"

@@ -57,7 +57,7 @@ def test_reap(user, broker, fields, marker, status, counted, sent):
     counts = reap()
     job.refresh_from_db()
     assert job.status == status
-    assert counts == {k: int(k == counted) for k in ("requeued", "failed", "cancelled", "resent")}
+    assert counts == {k: int(k == counted) for k in ("requeued", "failed", "cancelled", "resent", "webhooks_resent")}
     queued_msgs = [json.loads(m) for m in broker.lrange("cpu", 0, -1)]
     assert len(queued_msgs) == sent
     if sent:
@@ -70,7 +70,7 @@ def test_reap(user, broker, fields, marker, status, counted, sent):
         assert job.message == "Failed: worker lost 3 times."
     if counted == "requeued":
         assert (job.worker, job.attempts) == ("", 1)
-    assert reap() == {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0}  # a second pass: nothing to do
+    assert reap() == {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "webhooks_resent": 0}  # a second pass: nothing to do
 
 
 def test_enqueue_survives_a_dead_broker(user, settings):

@@ -14,9 +14,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_beat_moves_every_adapter_of_a_deprecated_base_once(celery_procs, user, staff_user, tiny_base, peft_adapter,
-                                                            make_peft_adapter, tmp_path, client_for):
+                                                            make_peft_adapter, tmp_path, client_for, webhook_receiver):
+    import standardwebhooks
+
     from hub.registry.models import Adapter, Job
     from hub.registry.services import base_model_deprecate
+    from hub.registry.webhooks import webhook_create
     from tests.workers.test_ops_tensor import _upload
     from workers.retransfer import sweep
 
@@ -26,6 +29,8 @@ def test_beat_moves_every_adapter_of_a_deprecated_base_once(celery_procs, user, 
     base_model_deprecate(base=tiny_base, successor=successor, at=timezone.now() + dt.timedelta(days=3))
     assert sweep() == {}
     base_model_deprecate(base=tiny_base, successor=successor, at=timezone.now() - dt.timedelta(minutes=1))
+
+    hook = webhook_create(user=user, owner=user.username, url=webhook_receiver.url, events=["adapter.moved"])
 
     celery_procs.worker()
     celery_procs.beat(env={"RETRANSFER_INTERVAL": "1"})
@@ -43,6 +48,13 @@ def test_beat_moves_every_adapter_of_a_deprecated_base_once(celery_procs, user, 
     plan = client_for(user).get("/api/v1/base-models/tiny-base/").json()["retransfer"]
     assert {r["adapter"]: r["state"] for r in plan} == {"alice/lora": "transferred", "alice/second": "transferred"}
     assert all(r["method"] == "diff" for r in plan)
+    # the owner was told, once per adapter, by a signed webhook
+    wait_until(lambda: len(webhook_receiver.requests) >= 2, timeout=60, what="two adapter.moved webhooks")
+    for req in webhook_receiver.requests:
+        standardwebhooks.Webhook(hook.secret).verify(req.body, req.headers)
+    told = sorted((r.json["data"]["adapter"], r.json["data"]["revision"]["adapter"]) for r in webhook_receiver.requests)
+    assert told == [("alice/lora", "alice/lora-tiny-base-next"), ("alice/second", "alice/second-tiny-base-next")]
+    assert all(r.json["type"] == "adapter.moved" and r.json["data"]["retransfer"] for r in webhook_receiver.requests)
 
 
 def test_sweep_respects_the_concurrency_limit(db, user, staff_user, tiny_base, peft_adapter, make_peft_adapter,

@@ -1,0 +1,122 @@
+"""`hubctl webhook add|list|rm|ping|deliveries|rotate|enable|disable`: an
+owner's webhooks (docs/webhooks.md). The secret is printed once, by `add`
+and `rotate`: store it where the receiver verifies signatures."""
+
+from __future__ import annotations
+
+from hub.cli.client import API, Client, UserError
+
+
+def _cli():
+    from hub.cli import main  # the output helpers; imported late, main imports this module
+
+    return main
+
+
+def _path(hook_id: str, tail: str = "") -> str:
+    if not hook_id.isdigit():
+        raise UserError(f"{hook_id!r} is not a webhook id (a number; see `hubctl webhook list`).")
+    return f"{API}/webhooks/{hook_id}/{tail}"
+
+
+def _show_secret(hook: dict) -> None:
+    cli = _cli()
+    cli.out(f"Webhook {hook['id']} ({hook['owner']} -> {hook['url']}; events {', '.join(hook['events'])}).")
+    cli.out(f"secret: {hook['secret']}")
+    cli.note("The secret is shown only now: the receiver verifies each delivery's signature with it.")
+
+
+def cmd_add(args) -> int:
+    body = {"url": args.url, "owner": args.owner, "description": args.description,
+            "events": args.events.split(",") if args.events else None}
+    with Client() as c:
+        hook = c.post(f"{API}/webhooks/", {k: v for k, v in body.items() if v is not None})
+    if args.json:
+        _cli().dump_json(hook)
+    else:
+        _show_secret(hook)
+    return 0
+
+
+def cmd_list(args) -> int:
+    cli = _cli()
+    with Client() as c:
+        hooks = list(c.paginate(f"{API}/webhooks/"))
+    if args.json:
+        cli.dump_json(hooks)
+        return 0
+    if not hooks:
+        cli.note("No webhooks. Add one with: hubctl webhook add URL")
+        return 0
+    cli.table(["id", "owner", "url", "events", "active", "created"],
+              [[h["id"], h["owner"], h["url"], ",".join(h["events"]), "yes" if h["active"] else "no",
+                cli.short_time(h["created_at"])] for h in hooks])
+    return 0
+
+
+def cmd_rm(args) -> int:
+    with Client() as c:
+        c.json("DELETE", _path(args.id))
+    _cli().out(f"Webhook {args.id} deleted.")
+    return 0
+
+
+def cmd_set_active(args) -> int:
+    with Client() as c:
+        hook = c.json("PATCH", _path(args.id), json={"active": args.active})
+    _cli().out(f"Webhook {hook['id']} {'enabled' if hook['active'] else 'disabled'}.")
+    return 0
+
+
+def cmd_rotate(args) -> int:
+    with Client() as c:
+        _show_secret(c.post(_path(args.id, "rotate-secret")))
+    return 0
+
+
+def cmd_ping(args) -> int:
+    with Client() as c:
+        d = c.post(_path(args.id, "ping"))
+    _cli().out(f"Ping queued as delivery {d['id']}; see `hubctl webhook deliveries {args.id}`.")
+    return 0
+
+
+def cmd_deliveries(args) -> int:
+    cli = _cli()
+    with Client() as c:
+        rows = list(c.paginate(_path(args.id, "deliveries")))
+    if args.json:
+        cli.dump_json(rows)
+        return 0
+    if not rows:
+        cli.note("No deliveries yet.")
+        return 0
+    cli.table(["id", "event", "status", "attempts", "http", "error", "created"],
+              [[d["id"], d["event"], d["status"], d["attempts"], d.get("response_status") or "",
+                cli.last_line(d.get("error") or ""), cli.short_time(d["created_at"])] for d in rows])
+    return 0
+
+
+def add_parsers(sub, as_json) -> None:
+    hook = sub.add_parser("webhook", help="webhooks: add, list, rm, ping, deliveries, rotate, enable, disable")
+    wsub = hook.add_subparsers(dest="webhook_command", metavar="ACTION", required=True, parser_class=type(hook))
+    s = wsub.add_parser("add", help="POST events about your adapters to URL", parents=[as_json])
+    s.add_argument("url")
+    s.add_argument("--owner", help="a namespace you can write (default: you)")
+    s.add_argument("--events", help="comma-separated: adapter.moved,adapter.move_failed,job.finished (default: all)")
+    s.add_argument("--description")
+    s.set_defaults(func=cmd_add)
+    s = wsub.add_parser("list", help="your webhooks", parents=[as_json])
+    s.set_defaults(func=cmd_list)
+    for name, func, text in (("rm", cmd_rm, "delete a webhook"), ("ping", cmd_ping, "send a test event"),
+                             ("rotate", cmd_rotate, "replace the signing secret (printed once)")):
+        s = wsub.add_parser(name, help=text)
+        s.add_argument("id")
+        s.set_defaults(func=func)
+    for name, active in (("enable", True), ("disable", False)):
+        s = wsub.add_parser(name, help=f"{name} a webhook")
+        s.add_argument("id")
+        s.set_defaults(func=cmd_set_active, active=active)
+    s = wsub.add_parser("deliveries", help="what was sent to a webhook, and how it went", parents=[as_json])
+    s.add_argument("id")
+    s.set_defaults(func=cmd_deliveries)
