@@ -13,7 +13,7 @@ import json
 
 from django import forms
 
-from hub.registry.models import BaseModel, Revision
+from hub.registry.models import BaseModel, Revision, Webhook
 
 SORTS = [("updated", "Recently updated"), ("created", "Newest"), ("downloads", "Most downloaded"),
          ("size", "Largest"), ("name", "Name")]
@@ -74,6 +74,19 @@ class DeprecateForm(forms.Form):
 class TokenForm(forms.Form):
     name = forms.CharField(label="Token name", max_length=64, initial="default",
                            help_text="A reminder of where you use it, e.g. laptop or CI.")
+
+
+class WebhookForm(forms.Form):
+    url = forms.CharField(label="Payload URL", max_length=500,
+                          widget=forms.URLInput(attrs={"placeholder": "https://ci.example.com/hub-events"}))
+    owner = forms.ChoiceField(label="Adapters of")
+    events = forms.MultipleChoiceField(label="Events", widget=forms.CheckboxSelectMultiple,
+                                       choices=[(e, e) for e in Webhook.EVENTS], initial=Webhook.EVENTS)
+    description = forms.CharField(label="Description", max_length=200, required=False)
+
+    def __init__(self, *args, owners=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["owner"].choices = [(o, o) for o in owners]
 
 
 # --- job forms -------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from hub.registry import jobs as job_services
 from hub.registry import plans, selectors, services
-from hub.registry.models import Adapter, ApiToken, BaseModel, Job, Tag
+from hub.registry import webhooks as webhook_services
+from hub.registry.models import Adapter, ApiToken, BaseModel, Job, Tag, Webhook
 from hub.registry.querysets import owner_names
 from hub.registry.selectors import NotFound
 from hub.registry.validation import ValidationError
@@ -400,6 +401,55 @@ def tokens(request):
     if new_token:
         response["Cache-Control"] = "no-store"  # the secret must not linger in a cache
     return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def webhooks_page(request):
+    """The signed-in user's webhooks (own and their organizations'); a new
+    webhook's secret is shown once, like a token."""
+    owners = owner_names(request.user)
+    form = forms.WebhookForm(request.POST or None, owners=owners, initial={"owner": request.user.username})
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            hook = webhook_services.webhook_create(user=request.user, owner=data["owner"], url=data["url"],
+                                                   events=data["events"], description=data["description"])
+        except ValidationError as exc:
+            form.add_error("url" if exc.field == "url" else "events" if exc.field == "events" else None, exc.detail)
+        except services.Forbidden as exc:
+            form.add_error("owner", exc.detail)
+        else:
+            request.session["new_webhook_secret"] = [hook.pk, hook.secret]
+            return redirect("frontend:webhooks")
+    new_secret = request.session.pop("new_webhook_secret", None)
+    hooks = list(Webhook.objects.filter(owner__in=owners).prefetch_related("deliveries"))
+    for hook in hooks:
+        hook.recent = list(hook.deliveries.all()[:5])
+    response = render(request, "frontend/webhooks.html", {
+        "form": form, "hooks": hooks, "new_secret": new_secret,
+    }, status=400 if request.method == "POST" else 200)
+    if new_secret:
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def webhook_action(request, pk, action):
+    # Only webhooks of namespaces the user writes: any other id is a 404.
+    hook = Webhook.objects.filter(pk=pk, owner__in=owner_names(request.user)).first()
+    if hook is None:
+        raise Http404
+    if action == "delete":
+        hook.delete()
+    elif action == "ping":
+        webhook_services.ping(hook)
+    elif action in ("enable", "disable"):
+        webhook_services.webhook_update(webhook=hook, active=action == "enable")
+    else:
+        raise Http404
+    return redirect("frontend:webhooks")
 
 
 @login_required

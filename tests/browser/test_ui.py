@@ -1,7 +1,7 @@
 """The web UI in a real browser (chromium, headless) against a live server:
 sign in, upload by drag and drop with a progress bar, upload errors next to
 their field, jobs that run on a real Celery worker and refresh the lineage
-graph, deprecation with a retransfer plan, tokens. Each page is saved as a
+graph, deprecation with a retransfer plan, tokens, webhooks. Each page is saved as a
 screenshot at desktop and phone width (docs/screenshots/)."""
 
 from __future__ import annotations
@@ -190,6 +190,30 @@ def test_deprecate_with_plan_and_tokens(page, user, staff_user):
     screenshot(page, "tokens")
     page.reload()
     assert page.locator("#new-token").count() == 0  # shown once
+
+
+def test_webhook_added_and_pinged(page, user, broker, webhook_receiver):
+    import standardwebhooks
+
+    from hub.registry.models import WebhookDelivery
+    from workers.webhooks import deliver
+
+    sign_in(page, "alice")
+    page.goto("/webhooks/")
+    page.get_by_label("Payload URL").fill(webhook_receiver.url)
+    page.get_by_label("job.finished").uncheck()
+    page.get_by_label("Description").fill("CI notifications")
+    page.get_by_role("button", name="Add webhook").click()
+    secret = page.inner_text("#new-secret").strip()
+    assert secret.startswith("whsec_")
+    assert "adapter.moved, adapter.move_failed" in page.inner_text("table")
+    page.get_by_role("button", name=f"Send a test event to {webhook_receiver.url}").click()
+    deliver(WebhookDelivery.objects.get().pk)
+    page.reload()
+    assert "delivered" in page.inner_text("table") and page.locator("#new-secret").count() == 0
+    [req] = webhook_receiver.requests
+    standardwebhooks.Webhook(secret).verify(req.body, req.headers)
+    screenshot(page, "webhooks")
 
 
 def test_keyboard_focus_is_visible(page):

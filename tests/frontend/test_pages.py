@@ -261,3 +261,40 @@ def test_pages_are_well_formed_and_labelled(world, web, user, url):
             continue
         m = re.search(r'\bid="([^"]+)"', tag)
         assert m and m[1] in ids, f"{url}: unlabelled {tag}"
+
+
+def test_webhooks_page_creates_shows_the_secret_once_and_acts_only_on_own_hooks(transactional_db, broker, web, user, other_user,
+                                                                              webhook_receiver, settings):
+    from hub.registry.models import Webhook, WebhookDelivery
+    from workers.webhooks import deliver
+
+    c = web(user)
+    bad = c.post("/webhooks/", {"url": "ftp://x.example/", "owner": "alice", "events": ["adapter.moved"]})
+    assert bad.status_code == 400 and "http:// or https://" in bad.content.decode()
+    assert not Webhook.objects.exists()
+    forged = c.post("/webhooks/", {"url": "https://x.example/", "owner": "bob", "events": ["adapter.moved"]})
+    assert forged.status_code == 400 and not Webhook.objects.exists()  # not one of alice's namespaces
+
+    r = c.post("/webhooks/", {"url": webhook_receiver.url, "owner": "alice",
+                              "events": ["adapter.moved", "adapter.move_failed"], "description": "CI"})
+    assert r.status_code == 302
+    page = c.get("/webhooks/")
+    secret = re.search(r'<pre id="new-secret"><code>(whsec_[^<]+)</code>', page.content.decode())[1]
+    hook = Webhook.objects.get()
+    assert hook.secret == secret and hook.events == ["adapter.moved", "adapter.move_failed"]
+    assert page["Cache-Control"] == "no-store"
+    again = c.get("/webhooks/").content.decode()
+    assert secret not in again and webhook_receiver.url in again and "none yet" in again
+
+    bob = web(other_user)
+    assert bob.post(f"/webhooks/{hook.pk}/delete").status_code == 404
+    assert bob.get("/webhooks/").content.decode().count(webhook_receiver.url) == 0
+    c = web(user)
+    c.post(f"/webhooks/{hook.pk}/ping")
+    deliver(WebhookDelivery.objects.get().pk)
+    shown = c.get("/webhooks/").content.decode()
+    assert "delivered" in shown and "HTTP 204" in shown
+    c.post(f"/webhooks/{hook.pk}/disable")
+    assert Webhook.objects.get().active is False and "disabled" in c.get("/webhooks/").content.decode()
+    c.post(f"/webhooks/{hook.pk}/delete")
+    assert not Webhook.objects.exists()
