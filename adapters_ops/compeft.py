@@ -7,13 +7,24 @@ themselves are the update: every entry whose magnitude is among the top
 default the threshold and the std are global over all tensors (the paper's
 rule); ``scope="tensor"`` picks k and the std per tensor instead.
 
+Two options go beyond the paper, for adapters that the one-magnitude rule
+breaks (the tiny zoo loses every skill at density 0.1; docs/compeft.md):
+
+* ``magnitude_bits=m`` gives each kept entry one of 2^m magnitudes per tensor
+  (fitted to the kept values by 1-D k-means, data-free) for m more bits per
+  kept entry; m = 0 is the paper's ternary tensor.
+* ``factorization="balanced"`` first rewrites every LoRA pair as
+  B' = U sqrt(S), A' = sqrt(S) V^T from the exact SVD of B @ A (same product,
+  factors of equal scale, energy in the leading rank components).
+
 What is new here, compared with the paper's code (which writes dense floats):
 
 * an exact top-k threshold found with a two-level radix histogram over the
   float bit patterns, tensor by tensor (no flattening, no sort);
 * a real file format near the entropy limit: positions as Golomb-Rice coded
-  gaps, signs as packed bits, one fp32 scale per tensor, in a safetensors
-  container with a sha256 checksum (see docs/compeft.md for the byte layout).
+  gaps, signs as packed bits, one fp32 scale per tensor, and a compact binary
+  table of the tensors, in a safetensors container with a sha256 checksum
+  (format version 2; version 1 files are still read; see docs/compeft.md).
 
 Ties at the threshold are broken by position: entries are ordered by tensor
 name (sorted) and then row-major inside a tensor, and the first ones are kept,
@@ -29,6 +40,8 @@ import json
 import math
 import numbers
 import os
+import struct
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,9 +55,13 @@ from .adapter import Adapter
 from .errors import AdapterError, CorruptFile
 
 FORMAT_NAME = "compeft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 CODEC_RICE = "rice"
 SCOPES = ("global", "tensor")
+FACTORIZATIONS = ("as_is", "balanced")
+MAX_MAGNITUDE_BITS = 4
+BLOB_NAME = "compeft"  # the one payload tensor of a version 2 file
 FILE_NAME = "adapter_model.compeft.safetensors"
 
 _DTYPES = {
@@ -54,6 +71,7 @@ _DTYPES = {
     "float64": torch.float64,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPE_CODES = ("float32", "float16", "bfloat16", "float64")  # their byte in a version 2 table
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SIGN = np.int32(0x7FFFFFFF)
 _MAX_NUMEL = 1 << 34  # per tensor; far above any LoRA factor
@@ -69,6 +87,8 @@ class CompressParams:
     alpha: float | None = None
     scope: str = "global"
     replace_factor: float = 1.0
+    magnitude_bits: int = 0
+    factorization: str = "as_is"
 
     def __post_init__(self):
         def number(x):
@@ -84,6 +104,18 @@ class CompressParams:
             raise AdapterError(
                 f"replace_factor must be a positive finite number, got {self.replace_factor!r}",
                 "invalid_replace_factor",
+            )
+        m = self.magnitude_bits
+        if not (isinstance(m, numbers.Integral) and not isinstance(m, bool) and 0 <= m <= MAX_MAGNITUDE_BITS):
+            raise AdapterError(
+                f"magnitude_bits must be an integer in 0..{MAX_MAGNITUDE_BITS}, got {m!r}", "invalid_magnitude_bits"
+            )
+        if m and self.alpha is not None:
+            raise AdapterError("alpha fixes one magnitude for all entries; it cannot be combined with "
+                               "magnitude_bits", "invalid_alpha")
+        if self.factorization not in FACTORIZATIONS:
+            raise AdapterError(
+                f"factorization must be one of {FACTORIZATIONS}, got {self.factorization!r}", "invalid_factorization"
             )
 
 
@@ -230,12 +262,8 @@ def rice_encode(positions: np.ndarray) -> tuple[int, bytes, bytes]:
     ends = np.cumsum(q + 1) - 1  # index of each terminating one bit
     unary = np.zeros(int(ends[-1]) + 1 if ends.size else 0, dtype=np.uint8)
     unary[ends] = 1
-    if b:
-        shifts = np.arange(b - 1, -1, -1, dtype=np.int64)
-        rem = ((gaps[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
-    else:
-        rem = np.zeros(0, dtype=np.uint8)
-    return b, np.packbits(unary).tobytes(), np.packbits(rem).tobytes()
+    rem = _pack_fixed(gaps & ((1 << b) - 1), b)
+    return b, np.packbits(unary).tobytes(), rem.tobytes()
 
 
 def rice_decode(b: int, unary: np.ndarray, rem: np.ndarray, count: int, numel: int, name: str) -> np.ndarray:
@@ -253,8 +281,7 @@ def rice_decode(b: int, unary: np.ndarray, rem: np.ndarray, count: int, numel: i
     q = np.diff(ends, prepend=-1) - 1
     gaps = q << b
     if b:
-        rbits = np.unpackbits(rem)[: count * b].reshape(count, b).astype(np.int64)
-        gaps |= rbits @ (np.int64(1) << np.arange(b - 1, -1, -1, dtype=np.int64))
+        gaps |= _unpack_fixed(rem, count, b)
     positions = np.cumsum(gaps + 1) - 1
     if positions[-1] >= numel:
         raise CorruptFile(f"{name}: position {int(positions[-1])} is outside a tensor of {numel} entries")
@@ -269,33 +296,24 @@ class CompressedTensor:
     shape: tuple[int, ...]
     dtype: str
     count: int
-    scale: float  # fp32 value: every kept entry decodes to +-scale
-    std: float  # std the scale was derived from (global or per tensor); 0 when alpha was given
+    scale: float  # fp32 value: every kept entry decodes to +-scale (times its level, see below)
+    std: float  # the scale is replace_factor * std (global or per tensor), fp32-rounded; 0 when alpha was given
     rice_bits: int
     unary: np.ndarray  # uint8
     rem: np.ndarray  # uint8
     signs: np.ndarray  # uint8, packed MSB first, 1 = negative
     codec: str = CODEC_RICE
+    magnitude_bits: int = 0  # 0: ternary (the paper); m: kept entries carry an m-bit level code
+    levels: tuple[float, ...] = ()  # 2^m fp32 multipliers of `scale`; empty for m = 0 (one level, 1)
+    mags: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # m bits per kept entry, MSB first
 
     @property
     def numel(self) -> int:
         return int(math.prod(self.shape))
 
-    def meta(self) -> dict:
-        # short keys: this JSON is repeated per tensor in the header (a few % of the file)
-        return {
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "count": self.count,
-            "scale": _f32_text(self.scale),
-            "std": self.std,
-            "codec": self.codec,
-            "b": self.rice_bits,
-        }
-
     def payload(self) -> np.ndarray:
-        """signs | remainders | unary: the first two have lengths known from count and b."""
-        return np.concatenate([self.signs, self.rem, self.unary])
+        """signs | remainders | level codes | unary: all but the last have lengths known from the table."""
+        return np.concatenate([self.signs, self.rem, self.mags, self.unary])
 
     def positions(self, name: str = "tensor") -> np.ndarray:
         return rice_decode(self.rice_bits, self.unary, self.rem, self.count, self.numel, name)
@@ -303,23 +321,47 @@ class CompressedTensor:
     def negative(self) -> np.ndarray:
         return np.unpackbits(self.signs)[: self.count].astype(bool)
 
+    def level_codes(self) -> np.ndarray:
+        if not self.magnitude_bits:
+            return np.zeros(self.count, dtype=np.int64)
+        return _unpack_fixed(self.mags, self.count, self.magnitude_bits)
+
     def dense(self, name: str = "tensor") -> torch.Tensor:
         """The decoded tensor (original dtype), built directly on the CPU."""
         dtype = _DTYPES[self.dtype]
-        vals = torch.tensor([self.scale, -self.scale], dtype=torch.float32).to(dtype)
+        mags = np.float32(self.scale) * np.asarray(self.levels or (1.0,), dtype=np.float32)
+        vals = torch.from_numpy(np.concatenate([mags, -mags])).to(dtype)  # index: level + L * negative
         # scatter the bit patterns through a same-width integer view: numpy has no bf16
         ints = vals.view(_INT_OF_WIDTH[vals.element_size()]).numpy()
         out = np.zeros(self.numel, dtype=ints.dtype)
-        out[self.positions(name)] = ints[self.negative().view(np.uint8)]
+        negative = self.negative().view(np.uint8)
+        index = self.level_codes() + mags.size * negative if self.magnitude_bits else negative
+        out[self.positions(name)] = ints[index]
         return torch.from_numpy(out).view(dtype).reshape(self.shape)
 
     def ternary_packed(self, name: str = "tensor") -> torch.Tensor:
         """The 2-bit device form (see kernels.ternary): 4 entries per byte, 01 = +1, 11 = -1."""
         from kernels.ternary import pack_codes
 
+        if self.magnitude_bits:
+            raise AdapterError(f"{name} has {2 ** self.magnitude_bits} magnitudes, not a ternary tensor",
+                               "not_ternary")
         codes = np.zeros(self.numel, dtype=np.uint8)
         codes[self.positions(name)] = 1 | (self.negative().astype(np.uint8) << 1)
         return pack_codes(torch.from_numpy(codes))
+
+
+def _pack_fixed(values: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative integers < 2^bits as `bits` bits each, MSB first, packed into bytes."""
+    if not bits:
+        return np.zeros(0, dtype=np.uint8)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    return np.packbits(((values.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1))
+
+
+def _unpack_fixed(data: np.ndarray, count: int, bits: int) -> np.ndarray:
+    raw = np.unpackbits(data)[: count * bits].reshape(count, bits).astype(np.int64)
+    return raw @ (np.int64(1) << np.arange(bits - 1, -1, -1, dtype=np.int64))
 
 
 def _resolve_device(device) -> torch.device:
@@ -365,7 +407,7 @@ class CompressedAdapter:
         device = _resolve_device(device)
         out = {}
         for name, t in self.tensors.items():
-            if device.type == "cuda":
+            if device.type == "cuda" and not t.magnitude_bits:
                 from kernels.ternary import ternary_add
 
                 w = torch.zeros(t.shape, dtype=_DTYPES[t.dtype], device=device)
@@ -375,35 +417,55 @@ class CompressedAdapter:
         return Adapter(config=json.loads(json.dumps(self.config)), tensors=out)
 
     # --- encode to bytes / file ---------------------------------------------------------------
-    def _metadata(self) -> dict[str, str]:
+    def _document(self) -> bytes:
+        """The PEFT config and the compression parameters, as JSON."""
         p = self.params
-        return {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "adapter_config": json.dumps(self.config, sort_keys=True),
-            "compression": json.dumps(
-                {
-                    "density": p.density,
-                    "scope": p.scope,
-                    "alpha": p.alpha,
-                    "replace_factor": p.replace_factor,
-                    "k": self.count,
-                    "n": self.numel,
-                },
-                sort_keys=True,
-            ),
-            "tensors": json.dumps({n: t.meta() for n, t in self.tensors.items()}, sort_keys=True, separators=(",", ":")),
+        doc = {
+            "adapter_config": self.config,
+            "compression": {
+                "density": p.density,
+                "scope": p.scope,
+                "alpha": p.alpha,
+                "replace_factor": p.replace_factor,
+                "magnitude_bits": p.magnitude_bits,
+                "factorization": p.factorization,
+                "k": self.count,
+                "n": self.numel,
+            },
         }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
-    def _payloads(self) -> dict[str, np.ndarray]:
-        return {name: t.payload() for name, t in self.tensors.items()}
+    def _blob_v2(self) -> bytes:
+        """zlib(document | tensor table) | payloads (layout in docs/compeft.md, "File format").
+
+        zlib takes the repetition out of the head: the PEFT config is ~1 KB of
+        mostly null fields, and names and scales repeat from tensor to tensor;
+        on a toy adapter that head would otherwise outweigh the payloads."""
+        doc = self._document()
+        parts = [_uvarint(len(doc)), doc, _uvarint(len(self.tensors))]
+        previous = b""
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            key = name.encode()
+            shared = _common_prefix(previous, key)
+            previous = key
+            parts += [_uvarint(shared), _uvarint(len(key) - shared), key[shared:],
+                      bytes([_DTYPE_CODES.index(t.dtype)]), _uvarint(len(t.shape))]
+            parts += [_uvarint(d) for d in t.shape]
+            parts += [_uvarint(t.count), bytes([t.rice_bits, t.magnitude_bits]),
+                      struct.pack("<fd", t.scale, t.std), struct.pack(f"<{len(t.levels)}f", *t.levels),
+                      _uvarint(t.unary.size)]
+        deflate = zlib.compressobj(9, zdict=_HEAD_DICTIONARY)
+        head = deflate.compress(b"".join(parts)) + deflate.flush()
+        payloads = [np.ascontiguousarray(self.tensors[name].payload()).tobytes() for name in sorted(self.tensors)]
+        return b"".join([_uvarint(len(head)), head, *payloads])
 
     def to_bytes(self) -> bytes:
         if self._blob is None:
-            meta = self._metadata()
-            payloads = self._payloads()
-            meta["checksum"] = _checksum(meta, payloads)
-            self._blob = _safetensors_bytes(payloads, meta)
+            blob = np.frombuffer(self._blob_v2(), dtype=np.uint8)
+            meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+            meta["checksum"] = _checksum(meta, {BLOB_NAME: blob})
+            self._blob = _safetensors_bytes({BLOB_NAME: blob}, meta)
         return self._blob
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -421,9 +483,42 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _f32_text(x: float) -> str:
-    """Shortest text that reads back to the same fp32 value."""
-    return np.format_float_positional(np.float32(x), unique=True, trim="-") if x else "0"
+# zlib's preset dictionary for the head of a version 2 file (part of the format: changing it
+# needs a new version). Text that most heads repeat: a PEFT adapter_config (as PEFT 0.21 writes
+# it), the compression parameters and LoRA tensor names; it saves ~330 bytes a file.
+_HEAD_DICTIONARY = (
+    b'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weightmlp.down_proj.lora_B.weight{"adapt'
+    b'er_config":{"alora_invocation_tokens":null,"alpha_pattern":{},"arrow_config":null,"auto_mapping"'
+    b':null,"base_model_name_or_path":null,"bias":"none","corda_config":null,"ensure_weight_tying":fal'
+    b'se,"eva_config":null,"exclude_modules":null,"fan_in_fan_out":false,"inference_mode":true,"init_l'
+    b'ora_weights":true,"kasa_config":null,"layer_replication":null,"layers_pattern":null,"layers_to_t'
+    b'ransform":null,"loftq_config":{},"lora_alpha":16,"lora_bias":false,"lora_dropout":0.0,"lora_ga_c'
+    b'onfig":null,"megatron_config":null,"megatron_core":"megatron.core","modules_to_save":null,"monte'
+    b'clora_config":null,"peft_type":"LORA","peft_version":"0.21.2","qalora_group_size":16,"r":8,"rank'
+    b'_pattern":{},"revision":null,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","'
+    b'up_proj","down_proj"],"target_parameters":null,"task_type":"CAUSAL_LM","trainable_token_indices"'
+    b':null,"use_bdlora":null,"use_dora":false,"use_qalora":false,"use_rslora":false,"velora_config":n'
+    b'ull},"compression":{"alpha":null,"density":0.1,"factorization":"as_is","k":0,"magnitude_bits":0,'
+    b'"n":0,"replace_factor":1.0,"scope":"global"}}'
+)
+
+
+def _uvarint(n: int) -> bytes:
+    """LEB128: 7 bits per byte, low groups first, high bit set on all but the last byte."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _safetensors_bytes(payloads: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
@@ -457,11 +552,39 @@ def _checksum(meta: dict[str, str], payloads: dict[str, np.ndarray]) -> str:
 # --------------------------------------------------------------------------------------------
 # compress
 # --------------------------------------------------------------------------------------------
-def _encode(name: str, t: torch.Tensor, bits: np.ndarray, thr_bits: int, ties: int | None, scale: float, std: float):
+def fit_levels(magnitudes: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` magnitudes that minimise the squared error of these values, and each value's code.
+
+    1-D k-means (Lloyd-Max) started from the quantiles. In one dimension the
+    clusters are intervals between midpoints, so after one sort each iteration
+    only needs a binary search per midpoint and prefix sums.
+    """
+    x = magnitudes.astype(np.float64)
+    if x.size == 0:
+        return np.zeros(count), np.zeros(0, dtype=np.int64)
+    xs = np.sort(x)
+    prefix = np.concatenate([[0.0], np.cumsum(xs)])
+    centers = np.quantile(xs, (np.arange(count) + 0.5) / count)
+    for _ in range(100):
+        # cluster j holds the values in (midpoint j-1, midpoint j], as searchsorted assigns them below
+        bounds = np.concatenate([[0], np.searchsorted(xs, (centers[1:] + centers[:-1]) / 2, "right"), [xs.size]])
+        sizes = np.diff(bounds)
+        sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
+        new = np.sort(np.where(sizes > 0, sums / np.maximum(sizes, 1), centers))  # an empty cluster stays put
+        if np.array_equal(new, centers):
+            break
+        centers = new
+    return centers, np.searchsorted((centers[1:] + centers[:-1]) / 2, x)
+
+
+def _encode(name: str, t: torch.Tensor, bits: np.ndarray, thr_bits: int, ties: int | None, scale: float, std: float,
+            magnitude_bits: int = 0):
     """Encode one tensor: keep magnitudes > thr_bits, plus entries equal to it.
 
     `ties=None` keeps every entry equal to the threshold; an int keeps only the
-    first `ties` of them (row-major). Returns (CompressedTensor, ties used).
+    first `ties` of them (row-major). With magnitude_bits, the kept magnitudes
+    are fitted by 2^m levels, stored as multiples of `std` (so the scale
+    replace_factor * std rescales them all). Returns (CompressedTensor, ties used).
     """
     mag = bits & _SIGN
     if ties is None:
@@ -477,6 +600,11 @@ def _encode(name: str, t: torch.Tensor, bits: np.ndarray, thr_bits: int, ties: i
             used = 0
     pos = np.flatnonzero(keep)
     b, unary, rem = rice_encode(pos)
+    levels, mags = (), np.zeros(0, dtype=np.uint8)
+    if magnitude_bits:
+        centers, codes = fit_levels(np.abs(bits[pos].view(np.float32)), 1 << magnitude_bits)
+        levels = tuple(_f32(c / std) if std > 0 else 0.0 for c in centers)
+        mags = _pack_fixed(codes, magnitude_bits)
     ct = CompressedTensor(
         shape=tuple(int(s) for s in t.shape),
         dtype=_DTYPE_NAMES[t.dtype],
@@ -487,8 +615,41 @@ def _encode(name: str, t: torch.Tensor, bits: np.ndarray, thr_bits: int, ties: i
         unary=np.frombuffer(unary, dtype=np.uint8),
         rem=np.frombuffer(rem, dtype=np.uint8),
         signs=np.packbits(bits[pos] < 0),  # the fp32 sign bit: 1 = negative
+        magnitude_bits=magnitude_bits,
+        levels=levels,
+        mags=mags,
     )
     return ct, used
+
+
+def balanced_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') with B' @ A' = B @ A: B' = U sqrt(S), A' = sqrt(S) V^T from the SVD of B @ A.
+
+    The SVD of the rank-r product comes from two thin QRs and an r x r SVD, in
+    fp64. Trained LoRA factors mix rank components of very different sizes;
+    here component i has norm sqrt(s_i) in both factors. Shapes and dtypes
+    stay those of A and B (zero rows/columns pad a rank above min(in, out)).
+    """
+    qb, rb = torch.linalg.qr(b.double())  # out x k1, k1 x r
+    qa, ra = torch.linalg.qr(a.double().T)  # in x k2, k2 x r
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    root = s.sqrt()
+    a2 = torch.zeros(a.shape, dtype=torch.float64)
+    b2 = torch.zeros(b.shape, dtype=torch.float64)
+    a2[: root.numel()] = root[:, None] * (vh @ qa.T)
+    b2[:, : root.numel()] = (qb @ u) * root
+    return a2.to(a.dtype), b2.to(b.dtype)
+
+
+def _balanced(adapter: Adapter) -> Adapter:
+    """A copy of `adapter` with every LoRA pair rewritten by `balanced_pair` (other tensors as they are)."""
+    tensors = dict(adapter.tensors)
+    for module, (a, b) in adapter.pairs():
+        for key, t in ((adapter.key(module, "A"), a), (adapter.key(module, "B"), b)):
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{key} holds inf or NaN values", "non_finite")
+        tensors[adapter.key(module, "A")], tensors[adapter.key(module, "B")] = balanced_pair(a, b)
+    return Adapter(config=adapter.config, tensors=tensors)
 
 
 def compress(
@@ -497,17 +658,24 @@ def compress(
     alpha: float | None = None,
     scope: str = "global",
     replace_factor: float = 1.0,
+    magnitude_bits: int = 0,
+    factorization: str = "as_is",
 ) -> CompressedAdapter:
     """Sparsify every tensor of `adapter` to `density` and ternarise it (see module docstring).
 
     scope="global": one top-k threshold and one std over all tensors (the paper).
     scope="tensor": k and std per tensor. `alpha` fixes the scale instead of replace_factor * std.
+    magnitude_bits=m: 2^m magnitudes per tensor instead of one. factorization="balanced":
+    re-factor each LoRA pair through the SVD of its product first (a copy of the adapter).
     Memory stays near one tensor plus the output: a statistics pass tensor by
     tensor, a refinement pass restricted to one histogram bin (skipped when all
     tensors are bf16: the high 16 bits are then the whole value), an encode pass.
     """
-    params = CompressParams(density=density, alpha=alpha, scope=scope, replace_factor=replace_factor)
+    params = CompressParams(density=density, alpha=alpha, scope=scope, replace_factor=replace_factor,
+                            magnitude_bits=magnitude_bits, factorization=factorization)
     names = _float_tensors(adapter)
+    if params.factorization == "balanced":
+        adapter = _balanced(adapter)
 
     def bits_of(name):
         return _bits(adapter.tensors[name])
@@ -543,7 +711,7 @@ def compress(
         kept = 0
         for name in group:
             ct, used = _encode(name, adapter.tensors[name], bits_of(name), thr.bits, ties, scale,
-                               std if params.alpha is None else 0.0)
+                               std if params.alpha is None else 0.0, params.magnitude_bits)
             if ties is not None:
                 ties -= used
             kept += ct.count
@@ -569,7 +737,7 @@ def load(path: str | os.PathLike) -> CompressedAdapter:
 
 
 def loads(data: bytes, source: str = "compressed adapter") -> CompressedAdapter:
-    """Parse the bytes of a compressed file (see `load`)."""
+    """Parse the bytes of a compressed file (see `load`); reads format versions 1 and 2."""
     meta = _read_metadata(data, source)
     try:
         payloads = st_load_bytes(data)
@@ -577,24 +745,132 @@ def loads(data: bytes, source: str = "compressed adapter") -> CompressedAdapter:
         raise CorruptFile(f"{source} is not a valid safetensors file: {exc}") from exc
     if meta.get("checksum") != _checksum(meta, payloads):
         raise CorruptFile(f"{source}: checksum mismatch (the file is damaged or was modified)")
+    # past the checksum only a crafted file can be malformed: every field is still bounds-checked
     try:
-        config = json.loads(meta["adapter_config"])
-        comp = json.loads(meta["compression"])
-        tmeta = json.loads(meta["tensors"])
-        params = CompressParams(
-            density=float(comp["density"]),
-            alpha=None if comp["alpha"] is None else float(comp["alpha"]),
-            scope=comp["scope"],
-            replace_factor=float(comp["replace_factor"]),
-        )
-        tensors = {name: _tensor_from(name, m, payloads) for name, m in sorted(tmeta.items())}
+        if meta["format_version"] == "1":
+            config, params, tensors = _parse_v1(meta, payloads)
+        else:
+            config, params, tensors = _parse_v2(payloads, source)
     except CorruptFile:
         raise
-    except (KeyError, TypeError, ValueError, AdapterError) as exc:
+    except (KeyError, TypeError, ValueError, AdapterError, zlib.error, struct.error) as exc:
         raise CorruptFile(f"{source}: malformed metadata ({type(exc).__name__}: {exc})") from exc
-    if set(payloads) != set(tensors):
-        raise CorruptFile(f"{source}: payload tensors do not match the metadata")
     return CompressedAdapter(config=config, tensors=tensors, params=params, _blob=bytes(data))
+
+
+def _params_from(comp: dict) -> CompressParams:
+    return CompressParams(
+        density=float(comp["density"]),
+        alpha=None if comp["alpha"] is None else float(comp["alpha"]),
+        scope=comp["scope"],
+        replace_factor=float(comp["replace_factor"]),
+        magnitude_bits=int(comp.get("magnitude_bits", 0)),
+        factorization=comp.get("factorization", "as_is"),
+    )
+
+
+def _parse_v1(meta: dict[str, str], payloads: dict[str, np.ndarray]):
+    """Version 1: JSON metadata per tensor in the safetensors header, one payload tensor per tensor."""
+    config = json.loads(meta["adapter_config"])
+    params = _params_from(json.loads(meta["compression"]))
+    tmeta = json.loads(meta["tensors"])
+    tensors = {name: _tensor_from(name, m, payloads) for name, m in sorted(tmeta.items())}
+    if set(payloads) != set(tensors):
+        raise CorruptFile("payload tensors do not match the metadata")
+    return config, params, tensors
+
+
+class _Reader:
+    """Sequential reads from the head or the body of a version 2 blob; running past the end raises CorruptFile."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CorruptFile(f"the data ends early ({n} bytes wanted at offset {self.pos} of {len(self.data)})")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def uvarint(self) -> int:
+        n = shift = 0
+        while True:
+            byte = self.byte()
+            n |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return n
+            shift += 7
+            if shift > 63:
+                raise CorruptFile("an integer in the tensor table is too long")
+
+
+_MAX_HEAD = 1 << 26  # bytes of the inflated head; bounds what a crafted zlib stream may make us allocate
+
+
+def _parse_v2(payloads: dict[str, np.ndarray], source: str):
+    blob = payloads.get(BLOB_NAME)
+    if set(payloads) != {BLOB_NAME} or blob.dtype != np.uint8 or blob.ndim != 1:
+        raise CorruptFile(f"{source}: expected one uint8 tensor {BLOB_NAME!r}, found {sorted(payloads)}")
+    body = _Reader(blob.tobytes())
+    inflate = zlib.decompressobj(zdict=_HEAD_DICTIONARY)
+    r = _Reader(inflate.decompress(body.take(body.uvarint()), _MAX_HEAD))
+    if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+        raise CorruptFile(f"{source}: the compressed head is incomplete or too large")
+    doc = json.loads(r.take(r.uvarint()))
+    config, comp = doc["adapter_config"], doc["compression"]
+    if not isinstance(config, dict):
+        raise CorruptFile(f"{source}: adapter_config is not an object")
+    params = _params_from(comp)
+    count = r.uvarint()
+    if count > len(r.data):
+        raise CorruptFile(f"{source}: {count} tensors cannot fit in a head of {len(r.data)} bytes")
+    records, previous = [], b""
+    for _ in range(count):
+        shared = r.uvarint()
+        if shared > len(previous):
+            raise CorruptFile(f"{source}: a tensor name shares more bytes than its predecessor has")
+        key = previous[:shared] + r.take(r.uvarint())
+        if key <= previous:
+            raise CorruptFile(f"{source}: tensor names are not in strictly increasing order")
+        previous = key
+        dtype = r.byte()
+        if dtype >= len(_DTYPE_CODES):
+            raise CorruptFile(f"{source}: unknown dtype code {dtype}")
+        ndim = r.uvarint()
+        if ndim > 8:
+            raise CorruptFile(f"{source}: a tensor of {ndim} dimensions")
+        shape = tuple(r.uvarint() for _ in range(ndim))
+        n_kept, rice_bits, mag_bits = r.uvarint(), r.byte(), r.byte()
+        if mag_bits > MAX_MAGNITUDE_BITS:
+            raise CorruptFile(f"{source}: {mag_bits} magnitude bits (at most {MAX_MAGNITUDE_BITS})")
+        scale, std = struct.unpack("<fd", r.take(12))
+        levels = struct.unpack(f"<{(1 << mag_bits) if mag_bits else 0}f", r.take(4 << mag_bits if mag_bits else 0))
+        records.append((key.decode(), _DTYPE_CODES[dtype], shape, n_kept, rice_bits, mag_bits,
+                        scale, std, levels, r.uvarint()))
+    if r.pos != len(r.data):
+        raise CorruptFile(f"{source}: {len(r.data) - r.pos} bytes after the tensor table")
+    tensors = {}
+    for name, dtype, shape, n_kept, b, m, scale, std, levels, unary_len in records:
+        numel = math.prod(shape)
+        if numel > _MAX_NUMEL or not (0 <= n_kept <= numel) or b > 40:
+            raise CorruptFile(f"{name}: inconsistent shape/count/rice parameter in the table")
+        if not all(math.isfinite(x) for x in (scale, std, *levels)):
+            raise CorruptFile(f"{name}: a scale or level is not finite")
+        ns, nr, nm = (n_kept + 7) // 8, (n_kept * b + 7) // 8, (n_kept * m + 7) // 8
+        data = np.frombuffer(body.take(ns + nr + nm + unary_len), dtype=np.uint8)
+        t = CompressedTensor(shape=shape, dtype=dtype, count=n_kept, scale=scale, std=std, rice_bits=b,
+                             signs=data[:ns], rem=data[ns : ns + nr], mags=data[ns + nr : ns + nr + nm],
+                             unary=data[ns + nr + nm :], magnitude_bits=m, levels=levels)
+        t.positions(name)  # validates the streams now, not at first use
+        tensors[name] = t
+    if body.pos != len(body.data):
+        raise CorruptFile(f"{source}: {len(body.data) - body.pos} bytes after the last payload")
+    if sum(t.count for t in tensors.values()) != comp["k"] or sum(t.numel for t in tensors.values()) != comp["n"]:
+        raise CorruptFile(f"{source}: the tensors do not add up to the recorded k and n")
+    return config, params, tensors
 
 
 def _read_metadata(data: bytes, source: str) -> dict[str, str]:
@@ -613,10 +889,10 @@ def _read_metadata(data: bytes, source: str) -> dict[str, str]:
         raise CorruptFile(f"{source} has no compression metadata")
     if meta.get("format") != FORMAT_NAME:
         raise CorruptFile(f"{source} is not a {FORMAT_NAME} file (format={meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CorruptFile(
             f"{source}: unsupported {FORMAT_NAME} format version {meta.get('format_version')!r} "
-            f"(this library reads version {FORMAT_VERSION})"
+            f"(this library reads versions {', '.join(READABLE_VERSIONS)})"
         )
     return meta
 
@@ -657,6 +933,8 @@ def _tensor_from(name: str, m: dict, payloads: dict[str, np.ndarray]) -> Compres
 # picking the scale
 # --------------------------------------------------------------------------------------------
 DEFAULT_CANDIDATES = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
+# fitted levels start near the right size (factor 1), the paper's std-based scale far below it
+LEVEL_CANDIDATES = (0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -671,21 +949,29 @@ def choose_scale(
     adapter: Adapter,
     density: float,
     score_fn: Callable[[Adapter], float],
-    candidates: Iterable[float] = DEFAULT_CANDIDATES,
+    candidates: Iterable[float] | None = None,
     scope: str = "global",
+    magnitude_bits: int = 0,
+    factorization: str = "as_is",
 ) -> ScaleChoice:
     """Pick replace_factor by `score_fn(decompressed_adapter) -> float` (higher is better).
+
+    `candidates` default to DEFAULT_CANDIDATES (the paper's rule) or, with
+    magnitude_bits, LEVEL_CANDIDATES.
 
     The positions and signs do not depend on the factor, so the adapter is
     compressed once and only the scale changes per candidate. Ties go to the
     earliest candidate; NaN scores never win.
     """
+    if candidates is None:
+        candidates = LEVEL_CANDIDATES if magnitude_bits else DEFAULT_CANDIDATES
     cands = [float(c) for c in candidates]
     if not cands:
         raise AdapterError("choose_scale needs at least one candidate", "invalid_candidates")
     for c in cands:
         CompressParams(density=density, scope=scope, replace_factor=c)  # validates each
-    base = compress(adapter, density=density, scope=scope, replace_factor=1.0)
+    base = compress(adapter, density=density, scope=scope, replace_factor=1.0, magnitude_bits=magnitude_bits,
+                    factorization=factorization)
     scores: dict[float, float] = {}
     best = None
     for c in cands:

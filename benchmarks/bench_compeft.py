@@ -3,6 +3,7 @@
     python benchmarks/bench_compeft.py                 # Llama-3-8B shape, 32 layers (~42M params)
     python benchmarks/bench_compeft.py --layers 2      # quick run
     python benchmarks/bench_compeft.py --gpu           # + GB/s of the ternary kernel (CUDA only)
+    python benchmarks/bench_compeft.py --magnitude-bits 2 --factorization balanced   # our variant
 
 The adapter is a random rank-16 all-linear LoRA of Llama-3-8B's shapes
 (q,o 4096x4096; k,v 4096->1024; gate,up 4096->14336; down 14336->4096), fp32
@@ -91,11 +92,11 @@ def _timed(fn, repeat):
 # ---------------------------------------------------------------------------------------------
 # the methods (each runs in its own process)
 # ---------------------------------------------------------------------------------------------
-def run_ours(adapter, density, repeat):
+def run_ours(adapter, density, repeat, options=None):
     from adapters_ops import compeft
 
     base = _rss()
-    comp_s, comp = _timed(lambda: compeft.compress(adapter, density=density), repeat)
+    comp_s, comp = _timed(lambda: compeft.compress(adapter, density=density, **(options or {})), repeat)
     with tempfile.TemporaryDirectory() as tmp:
         save_s, path = _timed(lambda: comp.save(Path(tmp) / "a.compeft.safetensors"), 1)
         size = path.stat().st_size
@@ -165,7 +166,8 @@ def worker(args) -> None:
     n = adapter.num_parameters()
     input_bytes = sum(t.numel() * t.element_size() for t in adapter.tensors.values())
     if args.worker == "ours":
-        res = run_ours(adapter, args.density, args.repeat)
+        options = {"magnitude_bits": args.magnitude_bits, "factorization": args.factorization}
+        res = run_ours(adapter, args.density, args.repeat, options)
     elif args.worker == "naive":
         res = run_naive(adapter, args.density, args.repeat)
     else:
@@ -256,6 +258,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="ours,naive,paper")
     ap.add_argument("--paper-src", default=DEFAULT_PAPER_SRC)
     ap.add_argument("--gpu", action="store_true", help="also time the Triton kernel (needs CUDA)")
+    ap.add_argument("--magnitude-bits", type=int, default=0, help="ours: 2^M magnitudes per tensor")
+    ap.add_argument("--factorization", default="as_is", choices=["as_is", "balanced"], help="ours: see compeft")
     ap.add_argument("--worker", choices=["ours", "naive", "paper"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -265,7 +269,8 @@ def main(argv=None) -> None:
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", method, "--layers", str(args.layers),
                "--density", str(args.density), "--dtype", args.dtype, "--repeat", str(args.repeat),
-               "--paper-src", args.paper_src]
+               "--paper-src", args.paper_src, "--magnitude-bits", str(args.magnitude_bits),
+               "--factorization", args.factorization]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -280,7 +285,8 @@ def main(argv=None) -> None:
     n, inp = any_res["params"], any_res["input_bytes"]
     bf16 = 2 * n
     print(f"adapter: {args.layers} layers, {n / 1e6:.1f}M params, {args.dtype} input {inp / 2**20:.0f} MiB, "
-          f"density {args.density}, torch threads {any_res['threads']}, cores {os.cpu_count()}")
+          f"density {args.density}, torch threads {any_res['threads']}, cores {os.cpu_count()}; "
+          f"ours: magnitude_bits={args.magnitude_bits}, factorization={args.factorization}")
     print(f"{'method':8} {'compress s':>11} {'decompress s':>13} {'size MiB':>9} {'x vs bf16':>9} {'peak extra':>11}")
     for method, r in results.items():
         if "error" in r:

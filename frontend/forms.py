@@ -139,6 +139,13 @@ class CompressForm(JobForm):
                                help_text="Fraction of entries kept (0–1].")
     scope = forms.ChoiceField(label="Scope", choices=[("global", "global (one threshold)"),
                                                       ("tensor", "per tensor")], initial="global")
+    magnitude_bits = forms.TypedChoiceField(
+        label="Magnitudes", coerce=int, initial=0,
+        choices=[(0, "one per tensor (ternary, the paper)"), (1, "2 per tensor"), (2, "4 per tensor"),
+                 (3, "8 per tensor"), (4, "16 per tensor")],
+        help_text="More magnitudes keep more of the skill at a larger file (docs/compeft.md).")
+    factorization = forms.ChoiceField(label="Factors", initial="as_is",
+                                      choices=[("as_is", "as trained"), ("balanced", "balanced (SVD of B @ A)")])
 
 
 class MergeForm(JobForm):

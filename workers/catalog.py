@@ -158,7 +158,8 @@ register(OpSpec(
 
 
 def _compress_params(params: dict) -> dict:
-    only(params, {"adapter", "revision", "density", "scope", "alpha", "tune_scale"})
+    only(params, {"adapter", "revision", "density", "scope", "alpha", "tune_scale", "magnitude_bits",
+                  "factorization"})
     out = {"adapter": repo_id(params), "density": number(params, "density", 0.1, 0.001, 1.0)}
     scope = params.get("scope", "global")
     if scope not in ("global", "tensor"):
@@ -170,6 +171,13 @@ def _compress_params(params: dict) -> dict:
     if not isinstance(tune, bool):
         raise bad("tune_scale must be true or false.", "tune_scale")
     out["tune_scale"] = tune
+    out["magnitude_bits"] = number(params, "magnitude_bits", 0, 0, 4, integer=True)
+    if out["magnitude_bits"] and "alpha" in out:
+        raise bad("alpha fixes one magnitude; it cannot be combined with magnitude_bits.", "alpha")
+    factorization = params.get("factorization", "as_is")
+    if factorization not in ("as_is", "balanced"):
+        raise bad(f"factorization must be as_is or balanced, got {factorization!r}.", "factorization")
+    out["factorization"] = factorization
     rev = revision(params)
     if rev:
         out["revision"] = rev

@@ -617,7 +617,8 @@ def submit(op: str, params: dict, wait: bool) -> int:
 def cmd_compress(args) -> int:
     repo_id(args.repo)
     return submit("compress", {"adapter": args.repo, "revision": args.revision, "density": args.density,
-                               "scope": args.scope}, args.wait)
+                               "scope": args.scope, "magnitude_bits": args.magnitude_bits,
+                               "factorization": args.factorization}, args.wait)
 
 
 def cmd_merge(args) -> int:
@@ -839,6 +840,10 @@ def build_parser() -> Parser:
     s.add_argument("repo", metavar="owner/name")
     s.add_argument("--density", type=float, help="fraction of entries kept (server default 0.1)")
     s.add_argument("--scope", choices=["global", "tensor"])
+    s.add_argument("--magnitude-bits", type=int, choices=range(5), metavar="{0..4}",
+                   help="2^M magnitudes per tensor instead of one (server default 0: the paper's rule)")
+    s.add_argument("--factorization", choices=["as_is", "balanced"],
+                   help="balanced: rewrite each LoRA pair from the SVD of its product first (server default as_is)")
     s.add_argument("--revision")
     wait_flags(s)
     s.set_defaults(func=cmd_compress)

@@ -113,6 +113,8 @@ def test_submit_prints_only_the_job_id(fake, hubctl):
 @pytest.mark.parametrize("argv, body", [
     (["compress", "alice/a", "--density", "0.2", "--scope", "tensor", "--revision", "main"],
      {"op": "compress", "params": {"adapter": "alice/a", "revision": "main", "density": 0.2, "scope": "tensor"}}),
+    (["compress", "alice/a", "--magnitude-bits", "2", "--factorization", "balanced"],
+     {"op": "compress", "params": {"adapter": "alice/a", "magnitude_bits": 2, "factorization": "balanced"}}),
     (["merge", "alice/a", "acme/c", "alice/x", "--method", "ties", "--weights", "0.5,0.3,0.2", "--density", "0.5",
       "--rank", "8", "--seed", "3", "--name", "alice/merged"],
      {"op": "merge", "params": {"adapters": ["alice/a", "acme/c", "alice/x"], "weights": [0.5, 0.3, 0.2],

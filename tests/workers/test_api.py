@@ -48,6 +48,12 @@ BAD_REQUESTS = [
     ({"op": "fail", "params": {"kind": "meteor"}}, 400, "invalid_params", "kind must be"),
     ({"op": "sleep", "params": "x"}, 400, "invalid", ""),
     ({"params": {}}, 400, "invalid", "op"),
+    ({"op": "compress", "params": {"adapter": "alice/lora", "magnitude_bits": 5}}, 400, "invalid_params",
+     "magnitude_bits"),
+    ({"op": "compress", "params": {"adapter": "alice/lora", "magnitude_bits": 2, "alpha": 0.1}}, 400,
+     "invalid_params", "cannot be combined"),
+    ({"op": "compress", "params": {"adapter": "alice/lora", "factorization": "svd"}}, 400, "invalid_params",
+     "factorization must be as_is or balanced"),
 ]
 
 

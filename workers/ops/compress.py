@@ -24,7 +24,9 @@ def compress(ctx: runner.JobContext) -> runner.RevisionOutput:
     lora = inputs.load_adapter(ctx, source)
     original_bytes = (ctx.workdir / "adapter" / "adapter_model.safetensors").stat().st_size
     seeds = inputs.seeds(adapter) if p.get("tune_scale", True) and p.get("alpha") is None else None
-    metrics = {"density": p["density"], "scope": p["scope"]}
+    # beyond the paper's rule (docs/compeft.md); absent params keep the paper's ternary factors
+    options = {"magnitude_bits": p.get("magnitude_bits", 0), "factorization": p.get("factorization", "as_is")}
+    metrics = {"density": p["density"], "scope": p["scope"], **options}
     if seeds:
         ctx.progress(0.15, f"Choosing the scale on {len(seeds)} seed examples")
         base = inputs.base_dir(ctx, source.base_model)
@@ -36,14 +38,14 @@ def compress(ctx: runner.JobContext) -> runner.RevisionOutput:
             ctx.progress(0.15 + 0.6 * len(tried) / 7, f"Scale candidate {len(tried)}: seed accuracy {acc:.2f}")
             return acc
 
-        choice = compeft.choose_scale(lora, p["density"], score, scope=p["scope"])
+        choice = compeft.choose_scale(lora, p["density"], score, scope=p["scope"], **options)
         packed = choice.compressed
         metrics.update(replace_factor=choice.replace_factor, seed_accuracy=round(choice.score, 4),
                        seed_accuracy_original=inputs.seed_accuracy(base, seeds, lora),
                        seed_scores={str(k): v for k, v in choice.scores.items()})
     else:
         ctx.progress(0.3, f"Compressing at density {p['density']}")
-        packed = compeft.compress(lora, density=p["density"], alpha=p.get("alpha"), scope=p["scope"])
+        packed = compeft.compress(lora, density=p["density"], alpha=p.get("alpha"), scope=p["scope"], **options)
         metrics["replace_factor"] = 1.0 if p.get("alpha") is None else None
     out = ctx.workdir / COMPRESSED_NAME
     packed.save(out)
