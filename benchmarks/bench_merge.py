@@ -15,6 +15,8 @@ printed in the last column.
 
     python benchmarks/bench_merge.py                        # the default shapes
     python benchmarks/bench_merge.py --layers 2 --methods cat svd ties
+    python benchmarks/bench_merge.py --energy-check         # truncated SVD vs the optimum
+    python benchmarks/bench_merge.py --from-json run.json   # reprint a saved run's table
 """
 
 from __future__ import annotations
@@ -164,12 +166,18 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
     p.add_argument("--no-peft", action="store_true", help="time only our implementation")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--from-json", type=Path, help="print the table of an earlier run's --json file and exit")
+    p.add_argument("--energy-check", action="store_true",
+                   help="instead of timing: compare the energy our dense methods keep with the optimum (full SVD)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "METHOD", "DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
         impl, method, workdir = args.worker
         print(json.dumps(worker(impl, method, Path(workdir), args)))
+        return
+    if args.from_json:
+        print_table(json.loads(args.from_json.read_text()))
         return
 
     # The workers rebuild nothing: they only need the shape flags to name inputs.
@@ -184,20 +192,64 @@ def main() -> None:
               f"heads {args.heads}/{args.kv_heads}; {args.adapters} adapters rank {args.rank} on all linear "
               f"layers; density {args.density}; torch threads {args.threads or 'default'}; best of <= {args.repeat} calls "
               f"(built in {time.perf_counter() - t0:.1f}s)", flush=True)
+        if args.energy_check:
+            energy_check(workdir, args)
+            return
+        load_before = os.getloadavg()[0]
         results = {}
         for method in args.methods:
             results[method] = {"ours": run_one("ours", method, workdir, argv)}
             if not args.no_peft:
                 results[method]["peft"] = run_one("peft", method, workdir, argv)
             print(f"# {method}: {json.dumps(results[method])}", file=sys.stderr, flush=True)
+    # Other jobs on the machine inflate every time here: say how busy it was.
+    print(f"# load average (1 min): {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
 
+def energy_check(workdir: Path, args) -> None:
+    """Per dense method: the energy our factors keep (truncated SVD) against the
+    best rank-r approximation of the same merged update (full SVD), per module."""
+    import torch
+
+    from adapters_ops import merge
+    from adapters_ops.adapter import Adapter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapters = [Adapter.load(workdir / f"adapter{i}") for i in range(args.adapters)]
+    weights = [round(1.0 / args.adapters + 0.1 * i, 3) for i in range(args.adapters)]
+    print("| method | density | modules (sketch / full SVD) | rank | kept / optimal: min | mean | energy kept (mean) "
+          "| optimal (mean) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for method in [m for m in args.methods if m in DENSITY_METHODS]:
+        ours = merge.merge_with_report(adapters, weights, method=method, density=args.density)
+        # rank above min(out, in): the exact SVD path, so B @ A is the merged update itself
+        exact = merge.merge(adapters, weights, method=method, density=args.density, rank=1 << 20)
+        ratios, kept, best = [], [], []
+        for module, info in ours.report.modules.items():
+            s = torch.linalg.svdvals(exact.delta(module).double())
+            optimal = float((s[:info["rank"]] ** 2).sum() / (s ** 2).sum())
+            ratios.append(info["energy"] / optimal)
+            kept.append(info["energy"])
+            best.append(optimal)
+        n = len(ratios)
+        ranks = sorted({info["rank"] for info in ours.report.modules.values()})
+        sketched = sum(info["solver"] == "sketch" for info in ours.report.modules.values())
+        print(f"| {method} | {args.density} | {n} ({sketched} / {n - sketched}) | {'/'.join(map(str, ranks))} "
+              f"| {min(ratios):.6f} "
+              f"| {sum(ratios) / n:.6f} | {sum(kept) / n:.4f} | {sum(best) / n:.4f} |", flush=True)
+
+
 def print_table(results: dict) -> None:
     def cell(r, key, fmt):
         return "error" if r is None or "error" in r else format(r[key], fmt)
+
+    def speedup(theirs, ours):  # > 1: ours is faster
+        ratio = theirs["seconds"] / ours["seconds"]
+        return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.3f}x"
 
     head = ("| method | ours s | PEFT s | PEFT/ours | ours extra MiB | PEFT extra MiB | PEFT `_svd` s (same work) "
             "| PEFT_svd/ours |")
@@ -205,12 +257,10 @@ def print_table(results: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, r in results.items():
         ours, peft = r["ours"], r.get("peft")
-        ratio = (f"{peft['seconds'] / ours['seconds']:.1f}x" if peft and "error" not in peft and "error" not in ours
-                 else "-")
+        ratio = speedup(peft, ours) if peft and "error" not in peft and "error" not in ours else "-"
         same = results.get(method + "_svd", {}).get("peft") if method in DENSITY_METHODS else None
         same_s = cell(same, "seconds", ".2f") if same else "-"
-        same_ratio = (f"{same['seconds'] / ours['seconds']:.1f}x" if same and "error" not in same
-                      and "error" not in ours else "-")
+        same_ratio = speedup(same, ours) if same and "error" not in same and "error" not in ours else "-"
         print(f"| {method} | {cell(ours, 'seconds', '.3f')} | {cell(peft, 'seconds', '.3f') if peft else '-'} "
               f"| {ratio} | {cell(ours, 'extra_mib', '.0f')} | {cell(peft, 'extra_mib', '.0f') if peft else '-'} "
               f"| {same_s} | {same_ratio} |")

@@ -2,7 +2,9 @@
 methods where PEFT computes the same thing) and against dense reference
 implementations of the papers' definitions written here, independently of the
 library; plus rslora, rank_pattern, negative weights, seeded DARE, module
-union/intersection, PEFT round trips of the output, errors and search_weights."""
+union/intersection, PEFT round trips of the output, errors and search_weights;
+and the fast dense path (radix-select trim, in-place TIES steps, the truncated
+SVD) against topk, the reference TIES steps and the full SVD's optimum."""
 
 from __future__ import annotations
 
@@ -289,8 +291,166 @@ def test_svd_report_energy(ad):
     merged, report = M.merge_with_report([ad["a"], ad["b"]], [1.0, 1.0], method="svd", rank=5)
     module = merged.modules()[0]
     s = torch.linalg.svdvals(ref_delta(ad["a"], module) + ref_delta(ad["b"], module))
-    assert report.modules[module] == {"rank": 5, "energy": pytest.approx(float((s[:5] ** 2).sum() / (s ** 2).sum()))}
+    assert report.modules[module] == {"rank": 5, "energy": pytest.approx(float((s[:5] ** 2).sum() / (s ** 2).sum())),
+                                      "solver": "qr"}
     assert M.merge_with_report([ad["a"], ad["b"]], [1, 1], method="cat").report.min_energy == 1.0
+
+
+# --- the fast dense path: radix trim, in-place TIES steps, truncated SVD ------------------------
+
+TRIM_CASES = [
+    # id, tensor factory (generator -> tensor), densities
+    ("normal", lambda g: torch.randn(97, 53, generator=g), (0.01, 0.3, 0.5, 0.99)),
+    ("low-rank", lambda g: torch.randn(120, 4, generator=g) @ torch.randn(4, 77, generator=g), (0.2, 0.7)),
+    ("wide-exponents", lambda g: torch.randn(64, 64, generator=g) * 10.0 ** (torch.rand(64, 64, generator=g) * 60 - 30),
+     (0.1, 0.5)),
+    ("subnormal-and-zero", lambda g: torch.cat([torch.zeros(500), torch.randn(300, generator=g) * 1e-41,
+                                                torch.randn(200, generator=g)]), (0.1, 0.3, 0.6)),
+    ("odd-1d", lambda g: torch.randn(1001, generator=g), (0.001, 0.999)),
+]
+
+
+@pytest.mark.parametrize("make,densities", [c[1:] for c in TRIM_CASES], ids=[c[0] for c in TRIM_CASES])
+def test_trim_radix_select_keeps_the_top_k(make, densities):
+    t = make(torch.Generator().manual_seed(5))
+    before = t.clone()
+    for density in densities:
+        got = M.trim(t, density)
+        # the nonzero magnitudes are distinct (zeros stay zero either way):
+        # exactly the top k survive, unchanged, as with topk
+        assert torch.equal(got, ref_trim(t.double(), density).float()), density
+        # float64 takes the kthvalue path: same entries kept
+        assert torch.equal(M.trim(t.double(), density), ref_trim(t.double(), density)), density
+    assert torch.equal(t, before)  # the public function does not modify its input
+
+
+def test_trim_ties_at_the_threshold_keep_every_equal_entry():
+    # 6 entries of magnitude 2 compete for the last 2 places: the threshold
+    # rule keeps all of them (as before: |x| >= k-th largest magnitude).
+    t = torch.tensor([5.0, -4.0, 2.0, -2.0, 2.0, 2.0, -2.0, 2.0, 1.0, 0.0])
+    got = M.trim(t, 0.4)
+    assert torch.equal(got, torch.where(t.abs() >= 2, t, 0.0))
+    assert torch.equal(M.trim(t, 1.0), t) and not M.trim(t, 0.05).any()
+
+
+def test_elect_sign_and_disjoint_mean_match_reference():
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(40, 30, generator=g, dtype=torch.float64) * (torch.rand(40, 30, generator=g) < 0.6)
+            for _ in range(3)]
+    stacked = torch.stack(taus)
+    for method in ("total", "frequency"):
+        sign = M.elect_sign(stacked, method)
+        assert torch.equal(M.disjoint_mean(stacked, sign), ref_ties_merge(taus, method))
+    # a zero mass, +0.0 or -0.0, elects +1; inputs are left alone
+    zeros = torch.tensor([[0.0, -0.0, 1.0], [-0.0, -0.0, -1.0]])
+    assert torch.equal(M.elect_sign(zeros, "total"), torch.ones(3))
+    assert torch.equal(M.elect_sign(zeros, "frequency"), torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.equal(zeros, torch.tensor([[0.0, -0.0, 1.0], [-0.0, -0.0, -1.0]]))
+    assert torch.equal(stacked, torch.stack(taus))
+
+
+def _optimal_energy(matrix: torch.Tensor, r: int) -> float:
+    s = torch.linalg.svdvals(matrix.double())
+    return float((s[:r] ** 2).sum() / (s ** 2).sum())
+
+
+def _low_rank_inputs(kind: str, m: int, n: int, g: torch.Generator):
+    """(dense update, row hint) like those _merge_dense re-factors: three rank-8 updates."""
+    bs = [torch.randn(m, 8, generator=g) * 0.05 for _ in range(3)]
+    as_ = [torch.randn(8, n, generator=g) * (1 + 0.4 * i) for i in range(3)]
+    taus = [b @ a for b, a in zip(bs, as_, strict=True)]
+    hint = torch.cat(as_)
+    if kind == "lowrank+noise":
+        return sum(taus) + 0.02 * float(taus[0].norm()) / (m * n) ** 0.5 * torch.randn(m, n, generator=g), hint
+    if kind == "ties":
+        trimmed = torch.stack([M.trim(t, 0.3) for t in taus])
+        return M.disjoint_mean(trimmed, M.elect_sign(trimmed)), hint
+    if kind == "magnitude_prune":
+        return sum(M.trim(t, 0.2) for t in taus), hint
+    if kind == "dare":
+        return sum(M.drop(t, 0.5, g) for t in taus), hint
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["lowrank+noise", "ties", "magnitude_prune", "dare"])
+@pytest.mark.parametrize("shape,rank", [((700, 300), 8), ((300, 700), 24), ((500, 500), 12)])
+def test_low_rank_truncated_svd_is_near_optimal_and_reports_exact_energy(kind, shape, rank):
+    matrix, hint = _low_rank_inputs(kind, *shape, torch.Generator().manual_seed(sum(shape) + rank))
+    b, a, energy, solver = M.low_rank(matrix, rank, torch.Generator().manual_seed(0), hint)
+    # these shapes take the sketch, and it converges there (no full-SVD fallback)
+    assert solver == "sketch"
+    assert b.shape == (shape[0], rank) and a.shape == (rank, shape[1])
+    approx = (b @ a).double()
+    total = float(matrix.double().norm() ** 2)
+    # the energy is what the factors keep, measured here directly
+    assert energy == pytest.approx(float(approx.norm() ** 2) / total, rel=1e-5)
+    # b @ a is an orthogonal projection of the matrix: the residual holds the rest
+    assert float((matrix.double() - approx).norm() ** 2) / total == pytest.approx(1 - energy, rel=1e-4, abs=1e-6)
+    # within 0.1% of the best rank-r approximation's energy (Eckart-Young)
+    assert energy >= 0.999 * _optimal_energy(matrix, rank)
+    again = M.low_rank(matrix, rank, torch.Generator().manual_seed(0), hint)
+    assert torch.equal(again.b, b) and torch.equal(again.a, a) and again.energy == energy
+
+
+def test_low_rank_falls_back_to_the_exact_svd_when_the_sketch_stalls():
+    # Pure noise has a nearly flat spectrum: the subspace iteration gains a
+    # little every step and does not converge, so low_rank takes the full SVD,
+    # which is optimal. The same call on a low-rank-plus-noise update converges.
+    noise = torch.randn(700, 300, generator=torch.Generator().manual_seed(7))
+    flat = M.low_rank(noise, 8, torch.Generator().manual_seed(0))
+    assert flat.solver == "svd"
+    assert flat.energy == pytest.approx(_optimal_energy(noise, 8), rel=1e-5)
+    matrix, hint = _low_rank_inputs("lowrank+noise", 700, 300, torch.Generator().manual_seed(7))
+    assert M.low_rank(matrix, 8, torch.Generator().manual_seed(0), hint).solver == "sketch"
+
+
+def test_low_rank_is_exact_at_full_rank_and_on_zero():
+    g = torch.Generator().manual_seed(2)
+    matrix = torch.randn(90, 40, generator=g)
+    b, a, energy, solver = M.low_rank(matrix, 40, g)
+    assert rel(b @ a, matrix) < 1e-5 and energy == pytest.approx(1.0) and solver == "svd"
+    b, a, energy, solver = M.low_rank(matrix, 500, g)  # clamped to min(out, in)
+    assert b.shape == (90, 40) and rel(b @ a, matrix) < 1e-5
+    # exact low rank: the sketch captures it exactly on the truncated path too
+    low = torch.randn(600, 5, generator=g) @ torch.randn(5, 400, generator=g)
+    b, a, energy, solver = M.low_rank(low, 5, g)
+    assert rel(b @ a, low) < 1e-5 and energy == pytest.approx(1.0) and solver == "sketch"
+    b, a, energy, solver = M.low_rank(torch.zeros(600, 400), 8, g)
+    assert energy == 1.0 and not (b @ a).any()
+
+
+def _big_adapter(seed: int, r: int, out_dim: int = 384, in_dim: int = 320) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    module = "base_model.model.model.layers.0.mlp.up_proj"
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["up_proj"],
+           "base_model_name_or_path": "big-base"}
+    return Adapter(config=cfg, tensors={f"{module}.lora_A.weight": torch.randn(r, in_dim, generator=g) / in_dim ** 0.5,
+                                        f"{module}.lora_B.weight": torch.randn(out_dim, r, generator=g) * 0.05})
+
+
+@pytest.mark.parametrize("method,density", [("ties", 0.3), ("ties_svd", 0.5), ("dare_linear", 0.5),
+                                            ("dare_ties_svd", 0.7), ("magnitude_prune", 0.2)])
+def test_dense_merge_on_the_truncated_path_is_near_optimal(method, density):
+    # 384 x 320 with three rank-8 inputs: rank 24 (or 8) plus oversampling is
+    # small against 320, so the merge takes the subspace iteration, not the full SVD.
+    inputs, weights = [_big_adapter(s, 8) for s in (1, 2, 3)], [0.8, -0.5, 1.1]
+    merged, report = M.merge_with_report(inputs, weights, method=method, density=density, seed=4)
+    module = merged.modules()[0]
+    taus = [w * ref_delta(a, module) for w, a in zip(weights, inputs, strict=True)]
+    gen = M._module_generator(4, module)
+    masks = [(torch.rand(t.shape, generator=gen) < density).double() for t in taus]
+    want = ref_dense(method, taus, density, masks, "total")
+    r = merged.rank(module)
+    assert r == (8 if method.endswith("_svd") else 24)
+    got = out_delta(merged, module)
+    energy = report.modules[module]["energy"]
+    assert report.modules[module]["solver"] == "sketch"
+    assert energy == pytest.approx(float(got.norm() ** 2 / want.norm() ** 2), rel=1e-4)
+    assert energy >= 0.999 * _optimal_energy(want, r)
+    s = torch.linalg.svdvals(want)
+    assert float((got - want).norm() ** 2) <= 1.001 * float((s[r:] ** 2).sum()) + 1e-3 * float((s ** 2).sum())
+    again = M.merge(inputs, weights, method=method, density=density, seed=4)
+    assert all(torch.equal(t, again.tensors[k]) for k, t in merged.tensors.items())
 
 
 # --- weights, seeds, modules --------------------------------------------------------------------
