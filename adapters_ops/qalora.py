@@ -43,7 +43,11 @@ and a sha256 over all tensors (name, dtype, shape, bytes) checked on load.
 weights), which transformers loads with `gguf_file=`.
 
 The worker entry point is `quantize_merged(base_dir, adapter, bits,
-group_size, out_dir, finetune_steps=0, examples=None, progress=None)`.
+group_size, out_dir, finetune_steps=0, examples=None, progress=None)`; with
+`finetune_steps` it first recovers the adapter by distillation: Trans-LoRA's
+synthetic inputs answered by the fp base + the original adapter (the teacher),
+learnt by a QA-LoRA on the frozen quantized base (`synthetic_examples`,
+`student_adapter`, `recover`).
 """
 
 from __future__ import annotations
@@ -70,8 +74,9 @@ from .evaluate import sft_batch as _sft_batch
 Progress = Callable[[float, str], None] | None
 
 BITS = (2, 3, 4, 8)
-# 16 is there for the tiny model family (hidden 128 -> 8 groups per row); 32..128 are the usual sizes.
-GROUP_SIZES = (16, 32, 64, 128)
+# 4..16 are there for the tiny model family (hidden 128 -> 32/16/8 groups per row: more pooled inputs for a
+# QA-LoRA, at 8/4/2 extra bits a weight for fp16 scales and zeros); 32..128 are the usual sizes.
+GROUP_SIZES = (4, 8, 16, 32, 64, 128)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 FORMAT = "adapter-hub-qint"
@@ -613,59 +618,213 @@ def _collect(adapter: Adapter, wrappers: dict[str, QALoRALinear]) -> Adapter:
 
 
 
-def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], *, steps: int = 40,
-            lr: float = 2e-3, batch_size: int = 16, seed: int = 0, teacher: torch.nn.Module | None = None,
-            tokenizer=None, progress: Progress = None) -> tuple[Adapter, dict]:
-    """Short QA-LoRA fine-tune on the frozen quantized base: only A' and B train.
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """How `recover` trains the QA-LoRA student on the frozen quantized base; validated on construction.
 
-    Loss: cross-entropy on the completion tokens of `examples`, plus (with `teacher`, e.g. the fp
-    base with the original LoRA) the KL divergence to the teacher's next-token distribution on every
-    real position. Deterministic for a given seed (seeded batch order, no dropout).
-    """
-    from .evaluate import load_tokenizer, read_examples
+    The student learns from the teacher (fp base + the original LoRA): cross-entropy on the
+    completions of the training examples (the teacher's own answers for synthetic inputs) plus the
+    KL divergence to the teacher's full next-token distribution on every real position."""
 
+    steps: int = 1000
+    lr: float = 1e-2  # 2e-3 left the tiny zoo's students far from the teacher after 1000 steps
+    batch_size: int = 32
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    init: str = "converted"  # "converted": start from to_qalora's projection; "fresh": A' random, B = 0
+    rank: int | None = None  # None: see student_adapter; larger ranks add capacity (alpha / r is kept)
+    eval_every: int = 50  # seed-loss checks (with eval_examples); the best state is returned
+    # checks without a better seed loss before stopping: 16 seeds give a noisy loss while lr is high
+    # (4 stopped digitsum at step 400 of 1000, 0.12 below naive at 4 bits)
+    patience: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, low in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("patience", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise AdapterError(f"{name} must be an integer >= {low}, got {v!r}", "invalid_parameter")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise AdapterError(f"rank must be a positive integer or None, got {self.rank!r}", "invalid_parameter")
+        for name in ("lr", "ce_weight", "kl_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise AdapterError(f"{name} must be a finite number >= 0, got {v!r}", "invalid_parameter")
+        if self.lr == 0:
+            raise AdapterError("lr must be > 0", "invalid_parameter")
+        if self.ce_weight == 0 and self.kl_weight == 0:
+            raise AdapterError("ce_weight and kl_weight cannot both be 0", "invalid_parameter")
+        if self.init not in ("converted", "fresh"):
+            raise AdapterError(f"init must be 'converted' or 'fresh', got {self.init!r}", "invalid_parameter")
+
+
+def student_adapter(adapter: Adapter, group_size: int, *, init: str = "converted", rank: int | None = None,
+                    seed: int = 0) -> Adapter:
+    """The QA-LoRA that `recover` starts from, on the modules of `adapter` (a plain LoRA or a QA-LoRA).
+
+    "converted": the least-squares projection (`to_qalora`) of a plain LoRA, or the QA-LoRA itself;
+    with a larger `rank` the extra rows of A' are random and those of B zero, so the update is unchanged.
+    "fresh": A' random (PEFT's uniform init over the in/G pooled inputs), B = 0 (no update yet).
+    `rank` None: twice the r of a plain LoRA (its A read single inputs; A' reads G-wide means, so
+    each rank carries less), the r of a QA-LoRA. alpha / r is kept, so the scaling of the update
+    does not change with the rank."""
+    if init not in ("converted", "fresh"):
+        raise AdapterError(f"init must be 'converted' or 'fresh', got {init!r}", "invalid_parameter")
+    if qalora_group_size(adapter) is None:
+        start, _ = to_qalora(adapter, group_size)
+    elif qalora_group_size(adapter) != group_size or adapter.config.get("qalora_pooling") != "mean":
+        raise IncompatibleAdapters(f"the QA-LoRA has group {qalora_group_size(adapter)} and pooling "
+                                   f"{adapter.config.get('qalora_pooling')!r}; the student needs mean pooling "
+                                   f"in groups of {group_size}", "group_mismatch")
+    else:
+        start = adapter
+    if start.config.get("rank_pattern") or start.config.get("alpha_pattern"):
+        raise AdapterError("adapters with rank_pattern / alpha_pattern are not supported here", "unsupported_adapter")
+    r_old = int(start.config.get("r", 8))
+    r = rank or (2 * r_old if start is not adapter else r_old)
+    if init == "converted" and r < r_old:
+        raise AdapterError(f"rank {r} is below the adapter's {r_old}: the converted update would not fit",
+                           "invalid_parameter")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = dict(start.tensors)
+    for module, (a, b) in start.pairs():
+        n_pooled = a.shape[1]
+        bound = 1 / math.sqrt(n_pooled)  # kaiming_uniform(a=sqrt(5)) as nn.Linear and PEFT use
+        a_new = (torch.rand(r, n_pooled, generator=gen) * 2 - 1) * bound
+        b_new = torch.zeros(b.shape[0], r)
+        if init == "converted":
+            a_new[:r_old], b_new[:, :r_old] = a.float(), b.float()
+        tensors[start.key(module, "A")] = a_new.to(a.dtype)
+        tensors[start.key(module, "B")] = b_new.to(b.dtype)
+    alpha = float(start.config.get("lora_alpha", r_old)) * r / r_old
+    config = dict(start.config, r=r, lora_alpha=int(alpha) if alpha.is_integer() else alpha)
+    return Adapter(config=config, tensors=tensors)
+
+
+def synthetic_examples(base_dir: str | os.PathLike, adapter: Adapter, seeds: Iterable[dict], *, n: int = 1024,
+                       generator: str = "auto", filter_inputs: bool = True, seed: int = 0,
+                       progress: Progress = None) -> tuple[list[dict], dict]:
+    """Task inputs written by Trans-LoRA's generate stage (few-shot from the seeds; mutation of the
+    seed prompts when the base writes nothing usable), optionally filtered by its discriminator, and
+    answered by the teacher: the fp base + the original adapter. Returns [{"prompt", "completion"}]
+    and the stages' reports."""
+    from . import translora
+    from .evaluate import read_examples
+
+    seeds = read_examples(seeds)
+    if n < 1:
+        raise AdapterError(f"n must be >= 1, got {n!r}", "invalid_parameter")
+    cfg = translora.TransLoraConfig(n_synthetic=n, generator=generator, filter=filter_inputs, seed=seed)
+    teacher_lora = to_dense_lora(adapter)
+    _report(progress, 0.0, f"generating {n} task inputs")
+    rows, gen_info = translora.generate_candidates(base_dir, base_dir, seeds, cfg, seed=seed)
+    _report(progress, 0.4, f"filtering {len(rows)} task inputs")
+    rows, filter_info = translora.filter_candidates(base_dir, base_dir, seeds, rows, cfg, seed=seed)
+    _report(progress, 0.6, f"labelling {len(rows)} task inputs with the teacher")
+    rows, label_info = translora.label(base_dir, teacher_lora, seeds, rows, cfg)
+    _report(progress, 1.0, f"{len(rows)} synthetic examples")
+    out = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    return out, {"generate": gen_info, "filter": filter_info, "label": label_info, "examples": len(out)}
+
+
+def _distill_loss(model, teacher, batch, cfg: RecoveryConfig) -> torch.Tensor:
+    ids, att, lab = batch
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+    loss = logits.new_zeros(())
+    if cfg.ce_weight:
+        tgt = lab[:, 1:]
+        loss = loss + cfg.ce_weight * torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    if teacher is not None and cfg.kl_weight:
+        with torch.no_grad():
+            t_logp = teacher(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
+        s_logp = logits.log_softmax(-1)
+        real = att[:, 1:].bool()
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[real].mean()
+        loss = loss + cfg.kl_weight * kl
+    return loss
+
+
+def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], *, steps: int | None = None,
+            lr: float | None = None, batch_size: int | None = None, seed: int | None = None,
+            teacher: torch.nn.Module | None = None, tokenizer=None, progress: Progress = None,
+            config: RecoveryConfig | None = None, eval_examples: Iterable[dict] | None = None,
+            ) -> tuple[Adapter, dict]:
+    """QA-LoRA fine-tune on the frozen quantized base: only A' and B train (a distillation when
+    `teacher` is given and `examples` hold the teacher's answers, e.g. from `synthetic_examples`).
+
+    `adapter` must be in QA-LoRA form (see `student_adapter`). Loss: `config.ce_weight` x
+    cross-entropy on the completion tokens + `config.kl_weight` x KL(teacher || student) over every
+    real position. With `eval_examples` (the seeds), their completion loss is checked every
+    `eval_every` steps: the best state is returned and training stops after `patience` checks without
+    improvement. steps/lr/batch_size/seed override the config's. Deterministic for a given seed."""
+    from .evaluate import completion_loss, load_tokenizer, read_examples
+
+    cfg = config or RecoveryConfig()
+    overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
+                 if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
     examples = read_examples(examples)
-    if steps < 0 or batch_size < 1:
-        raise AdapterError("steps must be >= 0 and batch_size >= 1", "invalid_parameter")
+    checks = read_examples(eval_examples) if eval_examples is not None else None
     if tokenizer is None:
         if qmodel.source_dir is None:
             raise AdapterError("no tokenizer: pass tokenizer= or a model built from a folder", "missing_tokenizer")
         tokenizer = load_tokenizer(qmodel.source_dir)
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     model = qmodel.to_model()
     for p in model.parameters():
         p.requires_grad_(False)
     wrappers = attach_qalora(model, adapter)
     params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(cfg.steps, 1))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bs = min(cfg.batch_size, len(examples))
+
+    def check() -> float:
+        model.eval()
+        v = completion_loss(model, tokenizer, checks)
+        model.train()
+        return v
+
+    best = check() if checks else None
+    history = [(0, round(best, 5))] if checks else []
+    best_params, best_step, bad = [p.detach().clone() for p in params], 0, 0
+    losses: list[float] = []
     model.train()
     t0 = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
-        ids, att, lab = _sft_batch(tokenizer, [examples[i] for i in idx])
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
-        tgt = lab[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=-100)
-        if teacher is not None:
-            with torch.no_grad():
-                t_logp = teacher(input_ids=ids, attention_mask=att).logits[:, :-1].float().log_softmax(-1)
-            s_logp = logits.log_softmax(-1)
-            real = att[:, 1:].bool()
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)[real].mean()
-            loss = loss + kl
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randperm(len(examples), generator=gen)[:bs].tolist()
+        loss = _distill_loss(model, teacher, _sft_batch(tokenizer, [examples[i] for i in idx]), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        _report(progress, (step + 1) / steps, f"recovery step {step + 1}/{steps}, loss {losses[-1]:.4f}")
+        _report(progress, step / cfg.steps, f"recovery step {step}/{cfg.steps}, loss {losses[-1]:.4f}")
+        if checks and (step % cfg.eval_every == 0 or step == cfg.steps):
+            v = check()
+            history.append((step, round(v, 5)))
+            if v < best - 1e-6:
+                best, best_step, bad = v, step, 0
+                best_params = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+    if checks:  # the state with the lowest seed loss, possibly the starting one
+        with torch.no_grad():
+            for p, b in zip(params, best_params, strict=True):
+                p.copy_(b)
     out = _collect(adapter, wrappers)
-    return out, {"steps": steps, "first_loss": losses[0] if losses else None,
-                 "final_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 2)}
+    report = {"steps": cfg.steps, "steps_run": step, "first_loss": losses[0] if losses else None,
+              "final_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 2),
+              "train_examples": len(examples), "config": dataclasses.asdict(cfg)}
+    if checks:
+        report.update(best_step=best_step, best_seed_loss=round(best, 5), seed_loss_history=history)
+    return out, report
 
 
 # --- GGUF Q4_1 ---------------------------------------------------------------------------
@@ -806,13 +965,20 @@ def max_logit_difference(model_a, model_b, ids: torch.Tensor) -> float:
 def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.PathLike, bits: int = 4,
                     group_size: int = 64, out_dir: str | os.PathLike = "quantized", finetune_steps: int = 0,
                     examples: Iterable[dict] | str | os.PathLike | None = None, progress: Progress = None, *,
-                    seed: int = 0, export_gguf: bool | None = None) -> dict:
-    """Quantize a base, bring the adapter into QA-LoRA form (converting a plain LoRA; optionally
-    recovering it for `finetune_steps` on `examples`), merge it into the zero points, and write
+                    seed: int = 0, export_gguf: bool | None = None, recovery: RecoveryConfig | None = None,
+                    synthetic: int = 1024) -> dict:
+    """Quantize a base, bring the adapter into QA-LoRA form (converting a plain LoRA), optionally
+    recover it, merge it into the zero points, and write
 
         out_dir/quantized.safetensors (+ config, tokenizer)   the merged model, packed
         out_dir/qalora/                                      the QA-LoRA adapter (PEFT-like)
         out_dir/model-q4_1.gguf                              4 bits, group multiple of 32 (default on)
+
+    Recovery (`finetune_steps` > 0, `examples` = the adapter's seed examples): `synthetic` task
+    inputs from Trans-LoRA's generate/filter stages are answered by the teacher (fp base + the
+    original adapter); a QA-LoRA student (`recovery.init`, `recovery.rank`) on the frozen quantized
+    base learns them with cross-entropy + KL to the teacher, early-stopped on the seeds
+    (`recover`). `synthetic=0` trains on the seeds alone.
 
     Returns a JSON-able report (errors, exactness check, sizes, timings)."""
     t0 = time.perf_counter()
@@ -821,7 +987,11 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
     QuantSpec(bits, group_size)  # validate before any work
     if finetune_steps and examples is None:
         raise AdapterError("finetune_steps > 0 needs seed examples", "missing_examples")
-    report: dict = {"bits": bits, "group_size": group_size}
+    if not isinstance(synthetic, int) or isinstance(synthetic, bool) or synthetic < 0:
+        raise AdapterError(f"synthetic must be an integer >= 0, got {synthetic!r}", "invalid_parameter")
+    cfg = dataclasses.replace(recovery or RecoveryConfig(), steps=finetune_steps, seed=seed) if finetune_steps else None
+    # codes + an fp16 scale and an fp16 zero point per group
+    report: dict = {"bits": bits, "group_size": group_size, "bits_per_weight": bits + 32 / group_size}
 
     def stage(lo, hi):
         return None if progress is None else (lambda f, m: progress(lo + (hi - lo) * f, m))
@@ -835,13 +1005,19 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
     else:
         qa = adapter
         report["conversion_rel_error"] = 0.0
-    if finetune_steps:
-        from .evaluate import load_model
+    if cfg is not None:
+        from .evaluate import load_model, read_examples
 
+        seeds = read_examples(examples)
+        data = seeds
+        if synthetic:
+            syn, report["synthetic"] = synthetic_examples(base_dir, adapter, seeds, n=synthetic, seed=seed,
+                                                          progress=stage(0.15, 0.3))
+            data = syn + seeds
         teacher = load_model(base_dir, to_dense_lora(adapter))
-        qa, rec = recover(qmodel, qa, examples, steps=finetune_steps, seed=seed, teacher=teacher,
-                          progress=stage(0.15, 0.8))
-        report["recovery"] = rec
+        student = student_adapter(adapter, g or group_size, init=cfg.init, rank=cfg.rank, seed=seed)
+        qa, report["recovery"] = recover(qmodel, student, data, teacher=teacher, config=cfg, eval_examples=seeds,
+                                         progress=stage(0.3, 0.8))
     _report(progress, 0.8, "merging into zero points")
     merged = qmodel.merge(qa)
     # exactness: merged (codes unchanged, zero points moved) against quantized base + QA-LoRA unmerged

@@ -1,8 +1,9 @@
-"""QA-LoRA on the tiny model family: what merging an adapter into a 4/3-bit base costs,
+"""QA-LoRA on the tiny model family: what merging an adapter into a 4/3/2-bit base costs,
 per skill, as a markdown table (the one pasted in docs/qalora.md).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/qalora_quality.py [--zoo DIR] [--limit N]
-        [--bits 4 3] [--group 16] [--steps 60] [--skills caesar date]
+        [--bits 4 3 2] [--group 8] [--steps 1000] [--lr 1e-2] [--rank 16] [--init converted]
+        [--synthetic 1024] [--skills caesar date]
 
 Per skill (the LoRA trained on tiny-llama-3.0) and bit width, four models, scored on the
 skill's test split (exact match of greedy completions, and perplexity = exp(mean completion
@@ -11,8 +12,11 @@ loss)):
 - naive: W + B@A merged in fp32, then quantized (round to nearest, same bits and group);
 - QA-LoRA conv.: the base quantized, the LoRA projected to its best group-constant form
   (`to_qalora`) and merged into the zero points;
-- QA-LoRA rec.: the same after `recover` (--steps of QA-LoRA training on the 16 seed examples,
-  with the fp merged model as teacher), merged into the zero points.
+- QA-LoRA rec.: a QA-LoRA student (`student_adapter`: --init, --rank) on the frozen quantized
+  base, distilled by `recover` from the fp merged model (the teacher): --synthetic task inputs
+  from Trans-LoRA's generate/filter stages answered by the teacher, plus the 16 seed examples;
+  cross-entropy on the completions + KL to the teacher on every position; early stop on the
+  seeds; then merged into the zero points. `--synthetic 0` trains on the seeds alone.
 "exact" is the largest |logit| difference between each merged QA-LoRA model and the quantized
 base running the QA-LoRA unmerged (the merge is exact up to float rounding). The last lines
 measure the size of a 4-bit g64 14336 x 4096 expert in our packed file against bf16 safetensors.
@@ -81,10 +85,17 @@ def main() -> None:
     ap.add_argument("--zoo", help="a built zoo folder (default: the cached one, built if needed)")
     ap.add_argument("--base", default="tiny-llama-3.0")
     ap.add_argument("--skills", nargs="*", help="default: every skill with an adapter")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--group", type=int, default=16, help="16: hidden 128 -> 8 groups a row")
-    ap.add_argument("--steps", type=int, default=60, help="recovery fine-tune steps")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--group", type=int, default=8, help="8: hidden 128 -> 16 groups a row")
+    ap.add_argument("--steps", type=int, default=1000, help="most recovery steps (early stop on the seeds)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16, help="QA-LoRA rank of the student")
+    ap.add_argument("--init", choices=("converted", "fresh"), default="converted")
+    ap.add_argument("--ce", type=float, default=1.0, help="weight of the cross-entropy on the completions")
+    ap.add_argument("--kl", type=float, default=1.0, help="weight of the KL to the teacher")
+    ap.add_argument("--patience", type=int, default=10, help="seed-loss checks (every 50 steps) without progress")
+    ap.add_argument("--synthetic", type=int, default=1024, help="synthetic inputs requested (0: seeds only)")
     ap.add_argument("--limit", type=int, default=100, help="test examples per skill")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no-size", action="store_true", help="skip the expert size measurement")
@@ -98,14 +109,21 @@ def main() -> None:
     tok = load_tokenizer(base)
     qbase = {bits: Q.quantize_base(base, bits, args.group) for bits in args.bits}
 
-    print(f"# QA-LoRA on {args.base}, group {args.group}, recovery {args.steps} steps (lr {args.lr}) on the seed "
-          f"split, {args.limit} test examples per skill, {args.threads} threads")
+    rcfg = Q.RecoveryConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, ce_weight=args.ce,
+                            kl_weight=args.kl, init=args.init, rank=args.rank, patience=args.patience)
+    hidden = next(iter(qbase.values())).config["hidden_size"]
+    print(f"# QA-LoRA on {args.base}, group {args.group} ({hidden // args.group} groups a row of hidden {hidden}), "
+          f"recovery: {args.init} init, rank {args.rank}, <= {args.steps} steps (lr {args.lr}, batch {args.batch}, "
+          f"ce {args.ce} + kl {args.kl}) on {args.synthetic} synthetic inputs + the seeds, early stop on the seeds "
+          f"(patience {args.patience} x 50 steps); {args.limit} test examples per skill, {args.threads} threads")
     for bits, qm in qbase.items():
         s = qm.summary()
-        print(f"# base {bits}-bit: mean relative weight error {s['mean_rel_error']:.4f} over {s['layers']} layers")
+        print(f"# base {bits}-bit: {bits + 32 / args.group:g} bits a weight, mean relative weight error "
+              f"{s['mean_rel_error']:.4f} over {s['layers']} layers")
     print()
-    print("| skill | bits | fp merged | naive merge->quant | QA-LoRA conv. | QA-LoRA rec. | conv. error | exact |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| skill | bits | fp merged | naive merge->quant | QA-LoRA conv. | QA-LoRA rec. | conv. error | exact "
+          "| rec. steps (best/run) | rec. s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for skill in skills:
         adapter = Adapter.load(root / "adapters" / skill)
         test = read_examples(root / "tasks" / skill / "test.jsonl")[:args.limit]
@@ -113,15 +131,22 @@ def main() -> None:
         teacher = load_model(base, adapter)
         fp = score(teacher, tok, test)
         qa, conv = Q.to_qalora(adapter, args.group)
+        data = seeds
+        if args.synthetic:
+            syn, info = Q.synthetic_examples(base, adapter, seeds, n=args.synthetic)
+            data = syn + seeds
+            print(f"# {skill}: {len(syn)} synthetic examples ({info['generate']['by_generator']}, "
+                  f"{info['filter']['kept']} kept by the filter, {info['label']['labelled']} labelled)", flush=True)
+        student = Q.student_adapter(adapter, args.group, init=args.init, rank=args.rank)
         for bits, qm in qbase.items():
             naive = score(Q.naive_merge_quantize(base, adapter, bits, args.group).to_model(), tok, test)
             converted = score(qm.merge(qa).to_model(), tok, test)
-            rec, _ = Q.recover(qm, qa, seeds, steps=args.steps, lr=args.lr, teacher=teacher, tokenizer=tok)
+            rec, rep = Q.recover(qm, student, data, teacher=teacher, tokenizer=tok, config=rcfg, eval_examples=seeds)
             recovered = score(qm.merge(rec).to_model(), tok, test)
             gap = max(merge_gap(qm, qa, tok, test), merge_gap(qm, rec, tok, test))
             cells = [f"{a:.2f} (ppl {p:.3f})" for a, p in (fp, naive, converted, recovered)]
-            print(f"| {skill} | {bits} | " + " | ".join(cells) + f" | {conv['rel_error']:.3f} | {gap:.1e} |",
-                  flush=True)
+            print(f"| {skill} | {bits} | " + " | ".join(cells) + f" | {conv['rel_error']:.3f} | {gap:.1e} "
+                  f"| {rep['best_step']}/{rep['steps_run']} | {rep['seconds']:.0f} |", flush=True)
     if not args.no_size:
         ours, bf16 = expert_size()
         print(f"\n# size of a 14336 x 4096 expert: bf16 safetensors {bf16 / 2**20:.1f} MiB, 4-bit g64 packed "

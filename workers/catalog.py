@@ -291,8 +291,8 @@ def _quantize_params(params: dict) -> dict:
     if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
         raise bad(f"bits must be 2, 3, 4 or 8, got {bits!r}.", "bits")
     group = params.get("group_size", 64)
-    if group not in (16, 32, 64, 128) or isinstance(group, bool):
-        raise bad(f"group_size must be 16, 32, 64 or 128, got {group!r}.", "group_size")
+    if group not in (4, 8, 16, 32, 64, 128) or isinstance(group, bool):
+        raise bad(f"group_size must be 4, 8, 16, 32, 64 or 128, got {group!r}.", "group_size")
     out.update(bits=bits, group_size=group)
     out["qalora_finetune_steps"] = number(params, "qalora_finetune_steps", 0, 0, 10000, integer=True)
     rev = revision(params)

@@ -393,14 +393,20 @@ def test_quantize_merged_end_to_end(base_dir, tmp_path):
     lora_dir = lora.save(tmp_path / "lora")
     seen = []
     rep = Q.quantize_merged(base_dir, lora_dir, bits=4, group_size=32, out_dir=tmp_path / "out",
-                            finetune_steps=2, examples=EXAMPLES, progress=lambda f, m: seen.append((f, m)))
+                            finetune_steps=2, examples=EXAMPLES, progress=lambda f, m: seen.append((f, m)),
+                            synthetic=16, recovery=Q.RecoveryConfig(batch_size=8, eval_every=1))
     assert rep["merge_max_logit_diff"] < 1e-4 and rep["codes_unchanged"]
     assert rep["stored_max_logit_diff"] < 5e-3
     assert 0 < rep["conversion_rel_error"] < 1 and rep["recovery"]["steps"] == 2
+    # distilled on the teacher's answers to synthetic inputs + the seeds, checked on the seeds
+    syn = rep["synthetic"]["examples"]
+    assert 0 < syn <= 16 and rep["recovery"]["train_examples"] == syn + len(EXAMPLES)
+    assert [s for s, _ in rep["recovery"]["seed_loss_history"]] == [0, 1, 2]
+    assert rep["bits_per_weight"] == 5.0
     assert rep["integer_zero_point_error"]["max_zero_fraction"] > 0
     assert (tmp_path / "out" / "model-q4_1.gguf").is_file() and rep["gguf"]["bytes"] > 0
     back = Adapter.load(tmp_path / "out" / "qalora")
-    assert back.config["qalora_group_size"] == 32
+    assert back.config["qalora_group_size"] == 32 and back.config["r"] == 8  # twice the LoRA's r by default
     assert Q.load_quantized(tmp_path / "out").spec == Q.QuantSpec(4, 32)
     assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1] == (1.0, "done")
     json.dumps(rep)  # JSON-able for the Job row
@@ -423,3 +429,99 @@ def test_naive_baseline_quantizes_the_merged_weight(base_dir):
     want = Q.quantize_weight(state[name].float() + lora.delta("base_model.model." + name[:-7]), 4, 16)
     assert torch.equal(naive.weights[name].codes, want.codes)
     assert dataclasses.asdict(naive.spec) == dataclasses.asdict(qm.spec)
+
+
+# --- distillation recovery (synthetic inputs, teacher labels, QA-LoRA student) -----------------------
+
+
+def teacher_labelled(base_dir, lora, prompts):
+    """The fp base + LoRA's greedy answers (4 tokens, no EOS needed): what the student must learn."""
+    from adapters_ops.evaluate import greedy_completions, load_model, load_tokenizer
+
+    answers = greedy_completions(load_model(base_dir, lora), load_tokenizer(base_dir), prompts, 4)
+    return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True)]
+
+
+@pytest.mark.parametrize("init,rank", [("converted", 4), ("converted", 8), ("fresh", 8)])
+def test_student_adapter_starts_from_the_conversion_or_from_zero(init, rank):
+    lora = random_lora(r=4, alpha=8)
+    qa, _ = Q.to_qalora(lora, 16)
+    st = Q.student_adapter(lora, 16, init=init, rank=rank, seed=1)
+    assert st.config["r"] == rank and st.config["lora_alpha"] == 2 * rank  # alpha / r kept
+    assert Q.qalora_group_size(st) == 16
+    want = Q.dense_updates(qa)
+    for name, d in Q.dense_updates(st).items():
+        if init == "converted":  # extra rank is random A' rows times zero B columns: same update
+            assert torch.allclose(d, want[name], atol=1e-6)
+        else:
+            assert not d.any()
+    assert Q.student_adapter(qa, 16, rank=rank).config["r"] == rank  # a QA-LoRA starts from itself
+
+
+def test_student_adapter_rejections():
+    lora = random_lora(r=4)
+    with pytest.raises(AdapterError, match="below the adapter's"):
+        Q.student_adapter(lora, 16, rank=2)
+    with pytest.raises(AdapterError, match="init must be"):
+        Q.student_adapter(lora, 16, init="zeros")
+    qa, _ = Q.to_qalora(lora, 32)
+    with pytest.raises(IncompatibleAdapters, match="groups of 16"):
+        Q.student_adapter(qa, 16)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"steps": -1}, "steps must be"), ({"lr": 0}, "lr must be > 0"), ({"init": "x"}, "init must be"),
+    ({"ce_weight": 0, "kl_weight": 0}, "cannot both be 0"), ({"rank": 0}, "rank must be"),
+    ({"kl_weight": float("nan")}, "kl_weight must be"),
+])
+def test_recovery_config_is_validated(kwargs, match):
+    with pytest.raises(AdapterError, match=match):
+        Q.RecoveryConfig(**kwargs)
+
+
+def test_synthetic_examples_are_the_teachers_answers(base_dir):
+    lora = random_lora(scale=0.1)
+    rows, info = Q.synthetic_examples(base_dir, lora, EXAMPLES, n=24, generator="mutation", seed=2)
+    assert rows and info["examples"] == len(rows) and info["generate"]["by_generator"] == {"mutation": 24}
+    seed_prompts = {e["prompt"] for e in EXAMPLES}
+    assert all(r["prompt"].startswith("rev ") and r["prompt"] not in seed_prompts for r in rows)
+    from adapters_ops.evaluate import greedy_completions, load_model, load_tokenizer
+
+    answers = greedy_completions(load_model(base_dir, lora), load_tokenizer(base_dir), [r["prompt"] for r in rows], 12)
+    base_answers = greedy_completions(load_model(base_dir), load_tokenizer(base_dir), [r["prompt"] for r in rows], 12)
+    # A random teacher has near-ties that another batch (padding) can flip, mostly near the end of an
+    # answer: compare the first characters, against the teacher and against the base without the LoRA.
+    def agree(xs):
+        return sum(r["completion"][:4] == x[:4] for r, x in zip(rows, xs, strict=True)) / len(rows)
+
+    assert agree(answers) >= 0.8 and agree(base_answers) <= 0.2
+
+
+def test_distilled_recovery_beats_the_conversion_and_merges_exactly(base_dir):
+    from adapters_ops.evaluate import completion_loss, load_model, load_tokenizer
+
+    lora = random_lora(scale=0.1)
+    words = ["".join(chr(97 + (7 * i + 3 * j) % 26) for j in range(3 + i % 3)) for i in range(48)]
+    data = teacher_labelled(base_dir, lora, [f"rev {w}:" for w in words])
+    train, held_out = data[:40], data[40:]
+    qm = Q.quantize_base(base_dir, 2, 16)
+    tok = load_tokenizer(base_dir)
+    student = Q.student_adapter(lora, 16, rank=8)
+    cfg = Q.RecoveryConfig(steps=40, lr=1e-2, batch_size=16, eval_every=10, patience=2)
+    rec, rep = Q.recover(qm, student, train, teacher=load_model(base_dir, lora), config=cfg,
+                         eval_examples=held_out)
+
+    def loss(qa):
+        m = qm.to_model()
+        Q.attach_qalora(m, qa)
+        return completion_loss(m.eval(), tok, held_out)
+
+    assert loss(rec) < loss(student) - 0.5  # learnt the teacher's answers on prompts it never saw (4.4 -> 3.0)
+    assert rep["best_step"] > 0 and rep["best_seed_loss"] == pytest.approx(loss(rec), abs=1e-4)
+    assert rep["seed_loss_history"][0][0] == 0 and rep["train_examples"] == 40
+    merged = qm.merge(rec)
+    ids = torch.arange(32).unsqueeze(0)
+    unmerged = qm.to_model()
+    Q.attach_qalora(unmerged, rec)
+    assert Q.max_logit_difference(merged.to_model(), unmerged.eval(), ids) < 1e-4
+    assert all(torch.equal(merged.weights[k].codes, qm.weights[k].codes) for k in qm.weights)

@@ -54,6 +54,8 @@ BAD_REQUESTS = [
      "invalid_params", "cannot be combined"),
     ({"op": "compress", "params": {"adapter": "alice/lora", "factorization": "svd"}}, 400, "invalid_params",
      "factorization must be as_is or balanced"),
+    ({"op": "quantize", "params": {"adapter": "alice/lora", "group_size": 12}}, 400, "invalid_params",
+     "group_size must be 4, 8, 16, 32, 64 or 128"),
 ]
 
 

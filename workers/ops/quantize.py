@@ -1,8 +1,9 @@
 """`quantize`: a QA-LoRA quantized merged expert as a `qalora` revision.
 
 The base is quantized group-wise, the adapter brought into QA-LoRA form
-(optionally recovered on the seed examples), and merged exactly into the
-zero points. The revision stores the packed model (quantized.safetensors +
+(optionally recovered: distilled from the fp base + adapter on synthetic task
+inputs written from the seed examples, early-stopped on the seeds), and
+merged exactly into the zero points. The revision stores the packed model (quantized.safetensors +
 config and tokenizer), the QA-LoRA adapter under qalora/, and for 4 bits a
 GGUF Q4_1 file that llama.cpp and transformers+gguf load.
 """
@@ -41,8 +42,14 @@ def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
         "codes_unchanged": report.get("codes_unchanged"),
         "conversion_rel_error": report.get("conversion_rel_error"),
         "integer_zero_point_error": report.get("integer_zero_point_error"),
+        "bits_per_weight": report.get("bits_per_weight"),
         "bytes": sizes,
     }
+    if "recovery" in report:
+        rec = report["recovery"]
+        metrics["recovery"] = {k: rec.get(k) for k in ("steps_run", "best_step", "best_seed_loss", "train_examples",
+                                                        "seconds")}
+        metrics["synthetic_examples"] = report.get("synthetic", {}).get("examples", 0)
     return runner.RevisionOutput(
         adapter=adapter, kind="qalora", parents=[source], files=files,
         metrics={k: v for k, v in metrics.items() if v is not None},
