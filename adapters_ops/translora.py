@@ -83,6 +83,7 @@ __all__ = [
 STAGES = ("generate", "filter", "label", "distill", "evaluate")
 GENERATORS = ("auto", "target", "source", "mutation")
 DISCRIMINATORS = ("likelihood", "lora")
+SELECTIONS = ("accuracy", "loss")  # how distillation scores a state on the seeds
 # Share of the progress bar each stage fills (distillation dominates the time).
 _SPAN = {"generate": (0.0, 0.15), "filter": (0.15, 0.35), "label": (0.35, 0.45), "distill": (0.45, 0.95),
          "evaluate": (0.95, 1.0)}
@@ -123,15 +124,18 @@ class TransLoraConfig:
     label_slack: int = 4  # tokens beyond the longest seed completion before a label counts as unterminated
     label_drop: float = 0.0  # share of labels dropped, least confident first (teacher loss on its own answer)
     # (d) distillation
+    soft_labels: float = 0.0  # weight of the KL to the teacher's token distributions (0: text labels only)
+    soft_temperature: float = 1.0  # both distributions are softened by this before the KL
     rank: int | None = None  # None: the source adapter's r
     alpha: int | None = None  # None: the source adapter's alpha scaled to the new rank
     target_modules: tuple[str, ...] | None = None  # None: the source adapter's, where the target has them
-    steps: int = 1000
+    steps: int = 2000
     lr: float = 5e-3
     batch_size: int = 32
     warmup: int = 10
     eval_every: int = 50
-    patience: int = 6  # evaluations without a better seed loss before stopping
+    patience: int = 40  # evaluations without a better seed score before stopping (40 x 50: the whole schedule)
+    select: str = "accuracy"  # the seed score that picks the kept state: accuracy (ties: later state) | loss
     # everything
     seed: int = 0
     threads: int | None = None  # torch threads inside run(); None: min(2, cores)
@@ -155,6 +159,9 @@ class TransLoraConfig:
         for name in ("filter", "mutation_closure", "mutation_in_range"):
             if not isinstance(getattr(self, name), bool):
                 raise AdapterError(f"{name} must be true or false, got {getattr(self, name)!r}", "invalid_parameter")
+        if self.select not in SELECTIONS:
+            raise AdapterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}",
+                               "invalid_parameter")
         if self.generator not in GENERATORS:
             raise AdapterError(f"generator must be one of {', '.join(GENERATORS)}, got {self.generator!r}",
                                "invalid_parameter")
@@ -175,6 +182,8 @@ class TransLoraConfig:
         number("disc_quantile", 0.0, 0.5)
         number("disc_slack", 0.0, 100.0)
         number("label_drop", 0.0, 0.9)
+        number("soft_labels", 0.0, 1.0)
+        number("soft_temperature", 0.0, 100.0, lo_open=True)
         number("lr", 0.0, 1.0, lo_open=True)
         number("disc_lr", 0.0, 1.0, lo_open=True)
         if isinstance(self.target_modules, list):  # JSON job parameters have no tuples
@@ -838,11 +847,35 @@ def _student_shape(adapter: Adapter, target_model, cfg: TransLoraConfig) -> tupl
     return r, alpha, wanted or sorted(have)
 
 
+def _same_vocabulary(tok_a, tok_b) -> bool:
+    """Token ids mean the same text in both tokenizers (soft labels compare distributions id by id)."""
+    return (tok_a.get_vocab() == tok_b.get_vocab()
+            and (tok_a.bos_token_id, tok_a.eos_token_id) == (tok_b.bos_token_id, tok_b.eos_token_id))
+
+
+def _soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per completion token, both softened by `temperature`, scaled by its
+    square (so its gradient keeps the hard loss's size); positions without a label are context."""
+    mask = labels[:, 1:] != -100
+    s = torch.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.mean() * temperature ** 2
+
+
 def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequence[dict], cfg: TransLoraConfig,
-            *, seed: int, target_slug: str | None = None, progress: Progress = None) -> tuple[Adapter, dict]:
+            *, seed: int, target_slug: str | None = None, progress: Progress = None,
+            source_base_dir=None) -> tuple[Adapter, dict]:
     """(d) Train a fresh LoRA on the target base on the labelled inputs; every
-    `eval_every` steps score the seed loss and keep the best state; stop after
-    `patience` evaluations without improvement."""
+    `eval_every` steps score the seeds (`cfg.select`: teacher-forced loss, or
+    exact match with ties to the later state) and keep the best state; stop
+    after `patience` evaluations without improvement.
+
+    With `cfg.soft_labels` > 0 and a source base whose tokenizer is the target's,
+    the student also matches the teacher's (source + adapter) whole next-token
+    distribution along each label: a wrong greedy label still carries the
+    teacher's second choices. Across tokenizers only the text labels are used."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     if not data:
@@ -851,6 +884,14 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     tok = load_tokenizer(target_base_dir)
     base = load_model(target_base_dir)
     r, alpha, targets = _student_shape(adapter, base, cfg)
+    teacher, soft = None, "off"
+    if cfg.soft_labels > 0:
+        if source_base_dir is None:
+            raise AdapterError("soft labels need the source base (source_base_dir)", "invalid_parameter")
+        if _same_vocabulary(load_tokenizer(source_base_dir), tok):
+            teacher, soft = load_model(_model_dir(source_base_dir), adapter), "on"
+        else:
+            soft = "off: the tokenizers differ"
     model = _lora(base, r, alpha, targets, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
@@ -858,21 +899,41 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     rng = random.Random(seed)
     bs = min(cfg.batch_size, len(data))
 
-    def seed_loss() -> float:
+    def seed_score() -> tuple[float, float | None]:
+        """(loss, exact match) on the seeds; exact match only when it selects (it decodes)."""
         model.eval()
-        v = completion_loss(model, tok, seeds)
+        if cfg.select == "accuracy":
+            scored = evaluate_model(model, tok, seeds)
+            v = (scored.loss, scored.accuracy)
+        else:
+            v = (completion_loss(model, tok, seeds), None)
         model.train()
         return v
 
-    best_loss = seed_loss()
+    def better(loss: float, acc: float | None) -> bool:
+        if cfg.select == "accuracy":
+            # Teacher-forced seed loss keeps rising while the student grows confident and its
+            # answers still improve; exact match is what is asked of it. Ties go to the later
+            # state, trained further down the cosine schedule.
+            return acc >= best_acc
+        return loss < best_loss - 1e-6
+
+    best_loss, best_acc = seed_score()
     history = [(0, round(best_loss, 5))]
+    acc_history = [(0, best_acc)] if best_acc is not None else []
     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     best_step, bad, step, train_losses = 0, 0, 0, []
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = [data[rng.randrange(len(data))] for _ in range(bs)]
         ids, att, lab = _sft_batch(tok, batch)
-        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        out = model(input_ids=ids, attention_mask=att, labels=lab)
+        loss = out.loss
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids, attention_mask=att).logits
+            kl = _soft_label_loss(out.logits, teacher_logits, lab, cfg.soft_temperature)
+            loss = (1 - cfg.soft_labels) * loss + cfg.soft_labels * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -880,10 +941,12 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
         sched.step()
         train_losses.append(loss.item())
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            v = seed_loss()
+            v, acc = seed_score()
             history.append((step, round(v, 5)))
-            if v < best_loss - 1e-6:
-                best_loss, best_step, bad = v, step, 0
+            if acc is not None:
+                acc_history.append((step, acc))
+            if better(v, acc):
+                best_loss, best_acc, best_step, bad = v, acc, step, 0
                 best_state = {k: t.detach().clone() for k, t in get_peft_model_state_dict(model).items()}
             else:
                 bad += 1
@@ -899,8 +962,9 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     out.config["base_model_name_or_path"] = target_slug or target_base_dir.name
     head = train_losses[:10]
     info = {"steps_run": step, "best_step": best_step, "best_seed_loss": round(best_loss, 5),
-            "seed_loss_history": history, "rank": r, "alpha": alpha, "target_modules": targets,
-            "train_examples": len(data),
+            "seed_loss_history": history, "seed_accuracy_history": acc_history, "select": cfg.select,
+            "best_seed_accuracy": best_acc, "rank": r, "alpha": alpha, "target_modules": targets,
+            "train_examples": len(data), "soft_labels": soft,
             "train_loss_first": round(sum(head) / max(1, len(head)), 5),
             "train_loss_last": round(sum(train_losses[-10:]) / max(1, len(train_losses[-10:])), 5)}
     return out, info
@@ -1011,7 +1075,7 @@ def run(source_base_dir, adapter: Adapter | str | os.PathLike, target_base_dir, 
             _report(progress, "distill", 0.0, "started")
             result, info = distill(target_base_dir, adapter, labelled, seeds, cfg,
                                    seed=_stage_seed(cfg.seed, "distill"), target_slug=target_slug,
-                                   progress=sub("distill"))
+                                   progress=sub("distill"), source_base_dir=source_base_dir)
             if checkpoint is not None:
                 checkpoint.save("distill", _adapter_bytes(result, fp, info))
         else:

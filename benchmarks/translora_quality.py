@@ -76,6 +76,9 @@ def main(argv=None) -> int:
                     help="skill of the filtered-vs-unfiltered table ('none' skips it)")
     ap.add_argument("--quick", action="store_true", help="a cut-down config (smoke run, not the docs' figures)")
     ap.add_argument("--json", type=Path, default=None, help="also write every report here")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TransLoraConfig field: a JSON value, or a bare word for a string "
+                         "(--set steps=2000 --set select=loss); repeatable")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
 
@@ -85,13 +88,14 @@ def main(argv=None) -> int:
     cfg = translora.TransLoraConfig(threads=2)
     if args.quick:
         cfg = dataclasses.replace(cfg, n_synthetic=128, steps=60, eval_every=20)
+    cfg = dataclasses.replace(cfg, **_overrides(args.set))
     src_dir = root / "bases" / SOURCE
     t_all = time.perf_counter()
     failures, dump = [], {"config": cfg.as_dict(), "runs": []}
 
     print(f"Trans-LoRA from {SOURCE}, seeds only (16 per skill), test exact match on {args.limit} examples")
     head = ("| skill | target | target base | + Trans-LoRA | 3.0 + original | ratio | LM yield | generated "
-            "| kept | filter rate | labelled | label precision | steps | s |")
+            "| kept | filter rate | labelled | label precision | steps (kept) | s |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for skill in skills:
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
             by = ", ".join(f"{k} {v}" for k, v in gen["by_generator"].items())
             print(f"| {skill} | {target} | {base_acc:.2f} | {new_acc:.2f} | {src_acc:.2f} | {ratio:.2f} "
                   f"| {gen.get('target_yield', float('nan')):.2f} | {c['generated']} ({by}) | {c['kept']} "
-                  f"| {rep['filter_rate']:.2f} | {c['labelled']} | {prec:.2f} | {rep['distill']['steps_run']} | {secs:.0f} |",
+                  f"| {rep['filter_rate']:.2f} | {c['labelled']} | {prec:.2f} "
+                  f"| {rep['distill']['steps_run']} ({rep['distill']['best_step']}) | {secs:.0f} |",
                   flush=True)
             dump["runs"].append({"skill": skill, "target": target, "base": base_acc, "translora": new_acc,
                                  "source": src_acc, "label_precision": prec, "report": rep})
@@ -131,6 +136,21 @@ def main(argv=None) -> int:
     for f in failures:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _overrides(pairs) -> dict:
+    """--set FIELD=VALUE pairs as config fields; a value that is not JSON is a string."""
+    fields = {f.name for f in dataclasses.fields(translora.TransLoraConfig)}
+    out = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
 
 
 def _filter_table(args, root, cfg, src_dir, targets, dump, failures) -> None:

@@ -1,8 +1,10 @@
 """Trans-LoRA (adapters_ops.translora) on the cached zoo with a reduced config:
 the stage checkpoints resume without recomputing and give the same result as
 an uninterrupted run, runs are deterministic, the discriminator rejects fake
-inputs more than real ones, distillation lowers the loss on its labels, and
-the building blocks (template, mutation generator, config checks) behave."""
+inputs more than real ones, distillation lowers the loss on its labels, keeps
+the state its seed score selects and follows the teacher's distributions with
+soft labels, and the building blocks (template, mutation generator, config
+checks) behave."""
 
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ import torch
 from adapters_ops import translora as tl
 from adapters_ops.adapter import Adapter
 from adapters_ops.errors import AdapterError
-from adapters_ops.evaluate import completion_loss, load_model, load_tokenizer, read_examples
+from adapters_ops.evaluate import (
+    completion_loss,
+    evaluate_model,
+    greedy_completions,
+    load_model,
+    load_tokenizer,
+    read_examples,
+)
 
 # Small enough for ~10 s a run on one busy core; the quality benchmark uses the defaults.
 FAST = dict(n_synthetic=32, generator="mutation", disc_steps=10, steps=16, eval_every=8, batch_size=8, seed=3,
@@ -82,7 +91,8 @@ def test_mutation_class_closure(seeds, closure, letters):
     dict(generator="gpt"), dict(n_synthetic=0), dict(steps=-1), dict(top_p=0.0), dict(temperature=0),
     dict(lr=float("nan")), dict(disc_quantile=1.5), dict(rank=0), dict(min_chars=9, max_chars=3),
     dict(target_modules=()), dict(shots=True), dict(discriminator="svm"), dict(disc_slack=-1),
-    dict(filter="yes"), dict(disc_quantile=0.6),
+    dict(filter="yes"), dict(disc_quantile=0.6), dict(soft_labels=1.5), dict(soft_labels=-0.1),
+    dict(soft_temperature=0), dict(soft_labels="on"), dict(select="f1"),
 ])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(AdapterError) as exc:
@@ -166,7 +176,7 @@ def test_labels_carry_the_teacher_loss_and_label_drop_removes_the_least_confiden
 
 
 def test_distillation_lowers_the_loss_on_its_labels(zoo):
-    cfg = tl.TransLoraConfig(**{**FAST, "steps": 30, "eval_every": 10, "patience": 10})
+    cfg = tl.TransLoraConfig(**{**FAST, "steps": 30, "eval_every": 10, "patience": 10, "select": "loss"})
     seeds = zoo["seeds"]
     data = [dict(t) for t in zoo["test"][:64]]  # stand-in labels; the loss is measured on these
     out, info = tl.distill(zoo["other"], zoo["adapter"], data, seeds, cfg, seed=0, target_slug="tiny-other-1.0")
@@ -179,6 +189,84 @@ def test_distillation_lowers_the_loss_on_its_labels(zoo):
     assert out.config["base_model_name_or_path"] == "tiny-other-1.0" and out.config["r"] == 8
     assert {a.shape[1] for _, (a, _b) in out.pairs() if "q_proj" in _} == {96}
     assert info["best_seed_loss"] == min(v for _, v in info["seed_loss_history"])
+
+
+def test_select_accuracy_keeps_the_latest_state_with_the_best_seed_exact_match(zoo):
+    cfg = tl.TransLoraConfig(**{**FAST, "steps": 40, "eval_every": 10, "patience": 10, "batch_size": 16,
+                                "lr": 1e-2, "select": "accuracy"})
+    data = [dict(t) for t in zoo["test"][:64]]
+    out, info = tl.distill(zoo["tgt"], zoo["adapter"], data, zoo["seeds"], cfg, seed=0)
+    accs = info["seed_accuracy_history"]
+    assert [s for s, _ in accs] == [s for s, _ in info["seed_loss_history"]] == [0, 10, 20, 30, 40]
+    best = max(a for _, a in accs)
+    assert info["best_seed_accuracy"] == best and info["select"] == "accuracy"
+    assert info["best_step"] == max(s for s, a in accs if a == best)  # ties go to the later state
+    got = evaluate_model(load_model(zoo["tgt"], out), load_tokenizer(zoo["tgt"]), zoo["seeds"])
+    assert got.accuracy == best  # the kept state is the one that scored it
+    assert got.loss == pytest.approx(dict(info["seed_loss_history"])[info["best_step"]], abs=1e-4)
+
+
+def test_soft_label_loss_is_a_kl_on_completion_tokens_only():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 6, 11)
+    labels = torch.full((2, 6), -100)
+    labels[:, 3:] = 4  # completion tokens at positions 3..5, predicted from positions 2..4
+    assert tl._soft_label_loss(teacher.clone(), teacher, labels, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(2, 6, 11)
+    loss = tl._soft_label_loss(student, teacher, labels, 1.0)
+    p = torch.softmax(teacher[:, 2:5], -1)
+    want = (p * (p.log() - torch.log_softmax(student[:, 2:5], -1))).sum(-1).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and loss.item() > 0
+    context_changed = student.clone()
+    context_changed[:, :2] += 5.0  # positions that predict prompt tokens do not count
+    context_changed[:, 5] += 5.0  # nor the one after the last label
+    assert tl._soft_label_loss(context_changed, teacher, labels, 1.0).item() == pytest.approx(loss.item())
+    # softened by T and scaled by T^2
+    hot = tl._soft_label_loss(student, teacher, labels, 2.0)
+    pt = torch.softmax(teacher[:, 2:5] / 2, -1)
+    want2 = (pt * (pt.log() - torch.log_softmax(student[:, 2:5] / 2, -1))).sum(-1).mean() * 4
+    assert hot.item() == pytest.approx(want2.item(), rel=1e-5)
+
+
+def test_soft_labels_follow_the_teacher_not_the_text(zoo):
+    """With soft_labels=1 the student learns the teacher's distributions, so labels that are
+    all wrong text ("zzzzz") still pull its first answer letter towards the teacher's; with
+    text labels only it learns "z"."""
+    seeds = zoo["seeds"]
+    prompts = [t["prompt"] for t in zoo["test"][:48]]
+    data = [{"prompt": p, "completion": "zzzzz"} for p in prompts]
+    tok = load_tokenizer(zoo["other"])
+    enc = tok(prompts[:16], return_tensors="pt", padding=True)
+    last = enc["attention_mask"].sum(1) - 1  # the position that predicts the first answer token
+
+    def first_token_logprobs(model):
+        with torch.no_grad():
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        return torch.log_softmax(logits[torch.arange(16), last], -1)
+
+    teacher = first_token_logprobs(load_model(zoo["src"], zoo["adapter"]))
+    kl, z_first = {}, {}
+    for soft in (0.0, 1.0):
+        out, info = tl.distill(zoo["other"], zoo["adapter"], data, seeds, tl.TransLoraConfig(**{
+            **FAST, "steps": 100, "eval_every": 100, "batch_size": 16, "lr": 1e-2, "soft_labels": soft}), seed=0,
+            source_base_dir=zoo["src"])
+        assert info["soft_labels"] == ("on" if soft else "off")
+        student = first_token_logprobs(load_model(zoo["other"], out))
+        kl[soft] = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+        z_first[soft] = sum(a == "z" for a in greedy_completions(load_model(zoo["other"], out), tok, prompts[:16], 1))
+    assert z_first[0.0] >= 12 and z_first[1.0] <= 2
+    assert kl[1.0] < 0.5 * kl[0.0]
+    with pytest.raises(AdapterError) as exc:  # soft labels without the teacher's base
+        tl.distill(zoo["other"], zoo["adapter"], data, seeds, tl.TransLoraConfig(**{**FAST, "soft_labels": 0.5}),
+                   seed=0)
+    assert exc.value.code == "invalid_parameter"
+
+
+def test_soft_labels_need_the_same_vocabulary(zoo):
+    a, b = load_tokenizer(zoo["src"]), load_tokenizer(zoo["other"])
+    assert tl._same_vocabulary(a, b)  # the tiny families share one character vocabulary
+    b.add_tokens(["<extra>"])
+    assert not tl._same_vocabulary(a, b)
 
 
 def test_distill_without_data_is_an_adapter_error(zoo):
