@@ -124,6 +124,27 @@ def test_quantize_job_stores_an_exact_merged_expert(celery_procs, user, peft_ada
     assert rev.metrics["size_ratio_vs_bf16"] > 1.2
 
 
+def test_quantize_job_recovers_on_the_seeds_and_synthetic_data(celery_procs, user, tiny_base, make_peft_adapter):
+    """The worker's recovery glue: seeds in, the distilled QA-LoRA's summary on the revision."""
+    from hub.registry.jobs import job_create
+    from hub.registry.selectors import revision_resolve
+
+    seeds = b"".join(b'{"prompt": "caesar %s=", "completion": "%s"}\n' % (w.encode(), w[::-1].encode())
+                     for w in ("abcde", "hello", "world", "quick", "brown", "foxes"))
+    adapter = _upload(user, tiny_base, make_peft_adapter("q-src", r=2, seed=5), "qsrc", seeds=seeds)
+    celery_procs.worker()
+    job = job_create(user=user, op="quantize", params={"adapter": "alice/qsrc", "bits": 2, "group_size": 8,
+                                                        "qalora_finetune_steps": 4})
+    done = wait_jobs([job.id], timeout=300)[str(job.id)]
+    assert done.status == "succeeded", done.error
+    m = revision_resolve(adapter, "qalora").metrics
+    # the synthetic stage ran (a random tiny teacher's answers are mostly dropped) and fed the training set
+    assert m["recovery"]["steps_run"] == 4
+    assert m["recovery"]["train_examples"] == len(seeds.splitlines()) + m["synthetic_examples"]
+    assert m["bits_per_weight"] == 2 + 32 / 8
+    assert m["codes_unchanged"] is True and m["merge_max_logit_diff"] < 1e-4
+
+
 def test_quantize_refuses_bad_bits(api, peft_adapter):
     r = api.post("/api/v1/jobs/", {"op": "quantize", "params": {"adapter": "alice/lora", "bits": 5}}, format="json")
     assert r.status_code == 400 and "bits" in r.json()["detail"]
