@@ -617,6 +617,50 @@ def _collect(adapter: Adapter, wrappers: dict[str, QALoRALinear]) -> Adapter:
 
 
 
+SELECTIONS = ("loss", "accuracy")  # how `recover` scores a state on the seeds
+
+
+@dataclass
+class SeedSelection:
+    """Which checked state `recover` keeps, and when it stops: fed one (step, loss, accuracy) per check.
+
+    "loss": a strictly lower seed loss wins (the first of equal losses is kept). "accuracy": an exact
+    match at least as high wins, so ties go to the later state, trained further down the cosine
+    schedule; the seed loss can rise while the student grows confident and its answers still improve.
+    `patience` checks in a row that do not win stop the training."""
+
+    select: str
+    patience: int
+    best_loss: float = math.inf
+    best_accuracy: float = -math.inf
+    best_step: int = 0
+    misses: int = 0
+
+    def __post_init__(self):
+        if self.select not in SELECTIONS:
+            raise AdapterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}",
+                               "invalid_parameter")
+
+    def offer(self, step: int, loss: float, accuracy: float | None = None) -> bool:
+        """True when the state checked at `step` becomes the kept one."""
+        if self.select == "accuracy":
+            if accuracy is None:
+                raise AdapterError("selection by accuracy needs the seed accuracy", "invalid_parameter")
+            wins = accuracy >= self.best_accuracy
+        else:
+            wins = loss < self.best_loss - 1e-6
+        if wins:
+            self.best_loss, self.best_step, self.misses = loss, step, 0
+            if accuracy is not None:
+                self.best_accuracy = accuracy
+        else:
+            self.misses += 1
+        return wins
+
+    @property
+    def stop(self) -> bool:
+        return self.misses >= self.patience
+
 
 @dataclass(frozen=True)
 class RecoveryConfig:
@@ -626,20 +670,27 @@ class RecoveryConfig:
     completions of the training examples (the teacher's own answers for synthetic inputs) plus the
     KL divergence to the teacher's full next-token distribution on every real position."""
 
-    steps: int = 1000
+    # 4000: reverse on the zoo still improved between 1000, 2000 and 4000 steps (docs/qalora.md)
+    steps: int = 4000
     lr: float = 1e-2  # 2e-3 left the tiny zoo's students far from the teacher after 1000 steps
     batch_size: int = 32
     ce_weight: float = 1.0
     kl_weight: float = 1.0
     init: str = "converted"  # "converted": start from to_qalora's projection; "fresh": A' random, B = 0
     rank: int | None = None  # None: see student_adapter; larger ranks add capacity (alpha / r is kept)
-    eval_every: int = 50  # seed-loss checks (with eval_examples); the best state is returned
-    # checks without a better seed loss before stopping: 16 seeds give a noisy loss while lr is high
-    # (4 stopped digitsum at step 400 of 1000, 0.12 below naive at 4 bits)
-    patience: int = 10
+    eval_every: int = 50  # seed checks (with eval_examples); the best state is returned
+    # checks without a better seed score before stopping; 80 x 50 covers the default schedule: 16
+    # seeds give a noisy signal while lr is high (patience 4 stopped digitsum at step 400 of 1000)
+    patience: int = 80
+    # the seed score that picks the kept state: "loss" (teacher-forced completion loss) or
+    # "accuracy" (greedy exact match, ties to the later state; it decodes, so each check costs more)
+    select: str = "accuracy"
     seed: int = 0
 
     def __post_init__(self):
+        if self.select not in SELECTIONS:
+            raise AdapterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}",
+                               "invalid_parameter")
         for name, low in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("patience", 1), ("seed", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -755,10 +806,11 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
 
     `adapter` must be in QA-LoRA form (see `student_adapter`). Loss: `config.ce_weight` x
     cross-entropy on the completion tokens + `config.kl_weight` x KL(teacher || student) over every
-    real position. With `eval_examples` (the seeds), their completion loss is checked every
-    `eval_every` steps: the best state is returned and training stops after `patience` checks without
+    real position. With `eval_examples` (the seeds), they are scored every `eval_every` steps
+    (`config.select`: completion loss, or greedy exact match with ties to the later state; see
+    `SeedSelection`): the best state is returned and training stops after `patience` checks without
     improvement. steps/lr/batch_size/seed override the config's. Deterministic for a given seed."""
-    from .evaluate import completion_loss, load_tokenizer, read_examples
+    from .evaluate import completion_loss, evaluate_model, load_tokenizer, read_examples
 
     cfg = config or RecoveryConfig()
     overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
@@ -781,15 +833,29 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
     gen = torch.Generator().manual_seed(cfg.seed)
     bs = min(cfg.batch_size, len(examples))
 
-    def check() -> float:
+    def check() -> tuple[float, float | None]:
+        """(loss, exact match) on the seeds; exact match only when it selects (it decodes)."""
         model.eval()
-        v = completion_loss(model, tokenizer, checks)
+        if cfg.select == "accuracy":
+            scored = evaluate_model(model, tokenizer, checks)
+            v = (scored.loss, scored.accuracy)
+        else:
+            v = (completion_loss(model, tokenizer, checks), None)
         model.train()
         return v
 
-    best = check() if checks else None
-    history = [(0, round(best, 5))] if checks else []
-    best_params, best_step, bad = [p.detach().clone() for p in params], 0, 0
+    selection = SeedSelection(cfg.select, cfg.patience)
+    history, acc_history = [], []
+
+    def record(step: int, loss: float, acc: float | None) -> bool:
+        history.append((step, round(loss, 5)))
+        if acc is not None:
+            acc_history.append((step, acc))
+        return selection.offer(step, loss, acc)
+
+    if checks:
+        record(0, *check())
+    best_params = [p.detach().clone() for p in params]
     losses: list[float] = []
     model.train()
     t0 = time.perf_counter()
@@ -805,16 +871,11 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
         losses.append(float(loss.detach()))
         _report(progress, step / cfg.steps, f"recovery step {step}/{cfg.steps}, loss {losses[-1]:.4f}")
         if checks and (step % cfg.eval_every == 0 or step == cfg.steps):
-            v = check()
-            history.append((step, round(v, 5)))
-            if v < best - 1e-6:
-                best, best_step, bad = v, step, 0
+            if record(step, *check()):
                 best_params = [p.detach().clone() for p in params]
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    break
-    if checks:  # the state with the lowest seed loss, possibly the starting one
+            elif selection.stop:
+                break
+    if checks:  # the best state on the seeds (cfg.select), possibly the starting one
         with torch.no_grad():
             for p, b in zip(params, best_params, strict=True):
                 p.copy_(b)
@@ -823,7 +884,10 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
               "final_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 2),
               "train_examples": len(examples), "config": dataclasses.asdict(cfg)}
     if checks:
-        report.update(best_step=best_step, best_seed_loss=round(best, 5), seed_loss_history=history)
+        report.update(best_step=selection.best_step, best_seed_loss=round(selection.best_loss, 5),
+                      seed_loss_history=history, select=cfg.select)
+        if cfg.select == "accuracy":
+            report.update(best_seed_accuracy=selection.best_accuracy, seed_accuracy_history=acc_history)
     return out, report
 
 

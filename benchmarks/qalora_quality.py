@@ -2,8 +2,9 @@
 per skill, as a markdown table (the one pasted in docs/qalora.md).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/qalora_quality.py [--zoo DIR] [--limit N]
-        [--bits 4 3 2] [--group 8] [--steps 1000] [--lr 1e-2] [--rank 16] [--init converted]
-        [--synthetic 1024] [--skills caesar date]
+        [--bits 4 3 2] [--group 8] [--steps 4000] [--lr 1e-2] [--rank 16] [--init converted]
+        [--synthetic 1024] [--select accuracy] [--patience 80]
+        [--skills caesar date]
 
 Per skill (the LoRA trained on tiny-llama-3.0) and bit width, four models, scored on the
 skill's test split (exact match of greedy completions, and perplexity = exp(mean completion
@@ -87,14 +88,16 @@ def main() -> None:
     ap.add_argument("--skills", nargs="*", help="default: every skill with an adapter")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--group", type=int, default=8, help="8: hidden 128 -> 16 groups a row")
-    ap.add_argument("--steps", type=int, default=1000, help="most recovery steps (early stop on the seeds)")
+    ap.add_argument("--steps", type=int, default=4000, help="most recovery steps (early stop on the seeds)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16, help="QA-LoRA rank of the student")
     ap.add_argument("--init", choices=("converted", "fresh"), default="converted")
     ap.add_argument("--ce", type=float, default=1.0, help="weight of the cross-entropy on the completions")
     ap.add_argument("--kl", type=float, default=1.0, help="weight of the KL to the teacher")
-    ap.add_argument("--patience", type=int, default=10, help="seed-loss checks (every 50 steps) without progress")
+    ap.add_argument("--patience", type=int, default=80, help="seed checks (every 50 steps) without progress")
+    ap.add_argument("--select", choices=Q.SELECTIONS, default="accuracy",
+                    help="seed score that picks the kept state: loss, or exact match (ties: later state)")
     ap.add_argument("--synthetic", type=int, default=1024, help="synthetic inputs requested (0: seeds only)")
     ap.add_argument("--limit", type=int, default=100, help="test examples per skill")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -110,12 +113,13 @@ def main() -> None:
     qbase = {bits: Q.quantize_base(base, bits, args.group) for bits in args.bits}
 
     rcfg = Q.RecoveryConfig(steps=args.steps, lr=args.lr, batch_size=args.batch, ce_weight=args.ce,
-                            kl_weight=args.kl, init=args.init, rank=args.rank, patience=args.patience)
+                            kl_weight=args.kl, init=args.init, rank=args.rank, patience=args.patience,
+                            select=args.select)
     hidden = next(iter(qbase.values())).config["hidden_size"]
     print(f"# QA-LoRA on {args.base}, group {args.group} ({hidden // args.group} groups a row of hidden {hidden}), "
           f"recovery: {args.init} init, rank {args.rank}, <= {args.steps} steps (lr {args.lr}, batch {args.batch}, "
           f"ce {args.ce} + kl {args.kl}) on {args.synthetic} synthetic inputs + the seeds, early stop on the seeds "
-          f"(patience {args.patience} x 50 steps); {args.limit} test examples per skill, {args.threads} threads")
+          f"by {args.select} (patience {args.patience} x 50 steps); {args.limit} test examples per skill, {args.threads} threads")
     for bits, qm in qbase.items():
         s = qm.summary()
         print(f"# base {bits}-bit: {bits + 32 / args.group:g} bits a weight, mean relative weight error "

@@ -434,11 +434,11 @@ def test_naive_baseline_quantizes_the_merged_weight(base_dir):
 # --- distillation recovery (synthetic inputs, teacher labels, QA-LoRA student) -----------------------
 
 
-def teacher_labelled(base_dir, lora, prompts):
-    """The fp base + LoRA's greedy answers (4 tokens, no EOS needed): what the student must learn."""
+def teacher_labelled(base_dir, lora, prompts, tokens=4):
+    """The fp base + LoRA's greedy answers (`tokens` tokens, no EOS needed): what the student must learn."""
     from adapters_ops.evaluate import greedy_completions, load_model, load_tokenizer
 
-    answers = greedy_completions(load_model(base_dir, lora), load_tokenizer(base_dir), prompts, 4)
+    answers = greedy_completions(load_model(base_dir, lora), load_tokenizer(base_dir), prompts, tokens)
     return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True)]
 
 
@@ -472,7 +472,7 @@ def test_student_adapter_rejections():
 @pytest.mark.parametrize("kwargs,match", [
     ({"steps": -1}, "steps must be"), ({"lr": 0}, "lr must be > 0"), ({"init": "x"}, "init must be"),
     ({"ce_weight": 0, "kl_weight": 0}, "cannot both be 0"), ({"rank": 0}, "rank must be"),
-    ({"kl_weight": float("nan")}, "kl_weight must be"),
+    ({"kl_weight": float("nan")}, "kl_weight must be"), ({"select": "bleu"}, "select must be one of"),
 ])
 def test_recovery_config_is_validated(kwargs, match):
     with pytest.raises(AdapterError, match=match):
@@ -525,3 +525,59 @@ def test_distilled_recovery_beats_the_conversion_and_merges_exactly(base_dir):
     Q.attach_qalora(unmerged, rec)
     assert Q.max_logit_difference(merged.to_model(), unmerged.eval(), ids) < 1e-4
     assert all(torch.equal(merged.weights[k].codes, qm.weights[k].codes) for k in qm.weights)
+
+
+# (loss, exact match) per check at steps 0, 50, 100, ...: which step is kept, and how many checks run
+SELECTION_CASES = [
+    # the seed loss rises while the answers improve: exact match keeps the late state, loss the start
+    ("accuracy", 40, [(1.0, 0.5), (1.2, 0.75), (1.3, 0.75), (1.5, 0.75), (1.4, 0.5)], 150, 5),
+    ("loss", 40, [(1.0, 0.5), (1.2, 0.75), (1.3, 0.75), (1.5, 0.75), (1.4, 0.5)], 0, 5),
+    # equal accuracy goes to the later state; equal loss stays with the earlier one
+    ("accuracy", 40, [(2.0, 0.25), (1.0, 0.5), (0.9, 0.5), (0.8, 0.5)], 150, 4),
+    ("loss", 40, [(2.0, 0.25), (1.0, 0.5), (1.0, 0.5), (1.0, 0.5)], 50, 4),
+    # patience: two checks in a row without a win stop the training (a tie counts as a win by accuracy)
+    ("accuracy", 2, [(1.0, 0.5), (1.0, 0.25), (1.0, 0.5), (1.0, 0.25), (1.0, 0.25), (1.0, 1.0)], 100, 5),
+    ("loss", 2, [(1.0, 0.5), (0.5, 0.5), (0.6, 0.5), (0.4, 0.5), (0.5, 0.5), (0.45, 0.5), (0.1, 1.0)], 150, 6),
+]
+
+
+@pytest.mark.parametrize("select,patience,scores,kept,checks", SELECTION_CASES)
+def test_seed_selection_keeps_the_right_state(select, patience, scores, kept, checks):
+    sel = Q.SeedSelection(select, patience)
+    run = 0
+    for i, (loss, acc) in enumerate(scores):
+        sel.offer(50 * i, loss, acc)
+        run += 1
+        if sel.stop:
+            break
+    assert (sel.best_step, run) == (kept, checks)
+
+
+def test_seed_selection_rejections():
+    with pytest.raises(AdapterError, match="select must be one of"):
+        Q.SeedSelection("bleu", 3)
+    with pytest.raises(AdapterError, match="needs the seed accuracy"):
+        Q.SeedSelection("accuracy", 3).offer(0, 1.0)
+
+
+def test_recovery_by_accuracy_returns_the_latest_best_state(base_dir):
+    from adapters_ops.evaluate import evaluate_model, load_model, load_tokenizer
+
+    lora = random_lora(scale=0.1)
+    words = ["".join(chr(97 + (5 * i + 3 * j) % 26) for j in range(2 + i % 2)) for i in range(40)]
+    # one-character answers: exact match moves within a few dozen steps (0 -> ~0.9 over 8 seeds)
+    data = teacher_labelled(base_dir, lora, [f"rev {w}:" for w in words], tokens=1)
+    train, seeds = data[:32], data[32:]
+    qm = Q.quantize_base(base_dir, 2, 16)
+    cfg = Q.RecoveryConfig(steps=40, lr=1e-2, batch_size=16, eval_every=5, patience=40, select="accuracy")
+    rec, rep = Q.recover(qm, Q.student_adapter(lora, 16, rank=8), train, teacher=load_model(base_dir, lora),
+                         config=cfg, eval_examples=seeds)
+    accs = rep["seed_accuracy_history"]
+    assert [s for s, _ in accs] == list(range(0, 45, 5)) and rep["select"] == "accuracy"
+    best = max(a for _, a in accs)
+    assert rep["best_seed_accuracy"] == best > accs[0][1]  # the student learnt some of the answers
+    assert rep["best_step"] == max(s for s, a in accs if a == best)
+    m = qm.to_model()
+    Q.attach_qalora(m, rec)  # the returned adapter is the kept state: it scores what the report says
+    scored = evaluate_model(m.eval(), load_tokenizer(base_dir), seeds)
+    assert scored.accuracy == best and scored.loss == pytest.approx(rep["best_seed_loss"], abs=1e-4)
