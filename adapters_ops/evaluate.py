@@ -14,6 +14,7 @@ the base weights (works for any `Adapter`, including ones our ops produce);
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -223,3 +224,65 @@ def evaluate(base_dir: str | os.PathLike, task: str | os.PathLike | Iterable[dic
     model = load_model(base_dir, adapter, method=method, device=device)
     tok = load_tokenizer(base_dir)
     return evaluate_model(model, tok, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+# --- choosing the kept state of a training run ------------------------------------------
+
+
+SELECTIONS = ("accuracy", "loss")  # how the trainers (Trans-LoRA distill, QA-LoRA recover) score a state on the seeds
+
+
+@dataclass
+class SeedSelection:
+    """Which checked state a trainer keeps, and when it stops: fed one (step, loss, accuracy) per check.
+
+    "loss": a strictly lower seed loss wins (the first of equal losses is kept). "accuracy": an exact
+    match at least as high wins, so ties go to the later state, trained further down the cosine
+    schedule; the seed loss can rise while the student grows confident and its answers still improve.
+    `patience` checks in a row that do not win stop the training."""
+
+    select: str
+    patience: int
+    best_loss: float = math.inf
+    best_accuracy: float = -math.inf
+    best_step: int = 0
+    misses: int = 0
+
+    def __post_init__(self):
+        if self.select not in SELECTIONS:
+            raise AdapterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}",
+                               "invalid_parameter")
+
+    def offer(self, step: int, loss: float, accuracy: float | None = None) -> bool:
+        """True when the state checked at `step` becomes the kept one."""
+        if self.select == "accuracy":
+            if accuracy is None:
+                raise AdapterError("selection by accuracy needs the seed accuracy", "invalid_parameter")
+            wins = accuracy >= self.best_accuracy
+        else:
+            wins = loss < self.best_loss - 1e-6
+        if wins:
+            self.best_loss, self.best_step, self.misses = loss, step, 0
+            if accuracy is not None:
+                self.best_accuracy = accuracy
+        else:
+            self.misses += 1
+        return wins
+
+    @property
+    def stop(self) -> bool:
+        return self.misses >= self.patience
+
+
+def seed_check(model, tok, seeds: Sequence[dict], select: str) -> tuple[float, float | None]:
+    """(loss, exact match) of a training model on the seeds; exact match only when it selects (it
+    decodes, which costs more). Leaves the model in training mode."""
+    model.eval()
+    if select == "accuracy":
+        scored = evaluate_model(model, tok, seeds)
+        out = (scored.loss, scored.accuracy)
+    else:
+        out = (completion_loss(model, tok, seeds), None)
+    model.train()
+    return out
+

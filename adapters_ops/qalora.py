@@ -69,6 +69,7 @@ from safetensors.torch import save_file
 
 from .adapter import Adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
+from .evaluate import SELECTIONS, SeedSelection, seed_check
 from .evaluate import sft_batch as _sft_batch
 
 Progress = Callable[[float, str], None] | None
@@ -617,51 +618,6 @@ def _collect(adapter: Adapter, wrappers: dict[str, QALoRALinear]) -> Adapter:
 
 
 
-SELECTIONS = ("loss", "accuracy")  # how `recover` scores a state on the seeds
-
-
-@dataclass
-class SeedSelection:
-    """Which checked state `recover` keeps, and when it stops: fed one (step, loss, accuracy) per check.
-
-    "loss": a strictly lower seed loss wins (the first of equal losses is kept). "accuracy": an exact
-    match at least as high wins, so ties go to the later state, trained further down the cosine
-    schedule; the seed loss can rise while the student grows confident and its answers still improve.
-    `patience` checks in a row that do not win stop the training."""
-
-    select: str
-    patience: int
-    best_loss: float = math.inf
-    best_accuracy: float = -math.inf
-    best_step: int = 0
-    misses: int = 0
-
-    def __post_init__(self):
-        if self.select not in SELECTIONS:
-            raise AdapterError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}",
-                               "invalid_parameter")
-
-    def offer(self, step: int, loss: float, accuracy: float | None = None) -> bool:
-        """True when the state checked at `step` becomes the kept one."""
-        if self.select == "accuracy":
-            if accuracy is None:
-                raise AdapterError("selection by accuracy needs the seed accuracy", "invalid_parameter")
-            wins = accuracy >= self.best_accuracy
-        else:
-            wins = loss < self.best_loss - 1e-6
-        if wins:
-            self.best_loss, self.best_step, self.misses = loss, step, 0
-            if accuracy is not None:
-                self.best_accuracy = accuracy
-        else:
-            self.misses += 1
-        return wins
-
-    @property
-    def stop(self) -> bool:
-        return self.misses >= self.patience
-
-
 @dataclass(frozen=True)
 class RecoveryConfig:
     """How `recover` trains the QA-LoRA student on the frozen quantized base; validated on construction.
@@ -810,7 +766,7 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
     (`config.select`: completion loss, or greedy exact match with ties to the later state; see
     `SeedSelection`): the best state is returned and training stops after `patience` checks without
     improvement. steps/lr/batch_size/seed override the config's. Deterministic for a given seed."""
-    from .evaluate import completion_loss, evaluate_model, load_tokenizer, read_examples
+    from .evaluate import load_tokenizer, read_examples
 
     cfg = config or RecoveryConfig()
     overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
@@ -834,15 +790,7 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
     bs = min(cfg.batch_size, len(examples))
 
     def check() -> tuple[float, float | None]:
-        """(loss, exact match) on the seeds; exact match only when it selects (it decodes)."""
-        model.eval()
-        if cfg.select == "accuracy":
-            scored = evaluate_model(model, tokenizer, checks)
-            v = (scored.loss, scored.accuracy)
-        else:
-            v = (completion_loss(model, tokenizer, checks), None)
-        model.train()
-        return v
+        return seed_check(model, tokenizer, checks, cfg.select)
 
     selection = SeedSelection(cfg.select, cfg.patience)
     history, acc_history = [], []

@@ -53,12 +53,14 @@ from ._zoo_train import deterministic  # fixed threads + deterministic kernels, 
 from .adapter import Adapter
 from .errors import AdapterError, IncompatibleAdapters
 from .evaluate import (
-    completion_loss,
+    SELECTIONS,
+    SeedSelection,
     evaluate_model,
     greedy_completions,
     load_model,
     load_tokenizer,
     read_examples,
+    seed_check,
 )
 from .evaluate import sft_batch as _sft_batch
 
@@ -83,7 +85,6 @@ __all__ = [
 STAGES = ("generate", "filter", "label", "distill", "evaluate")
 GENERATORS = ("auto", "target", "source", "mutation")
 DISCRIMINATORS = ("likelihood", "lora")
-SELECTIONS = ("accuracy", "loss")  # how distillation scores a state on the seeds
 # Share of the progress bar each stage fills (distillation dominates the time).
 _SPAN = {"generate": (0.0, 0.15), "filter": (0.15, 0.35), "label": (0.35, 0.45), "distill": (0.45, 0.95),
          "evaluate": (0.95, 1.0)}
@@ -899,30 +900,13 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     rng = random.Random(seed)
     bs = min(cfg.batch_size, len(data))
 
-    def seed_score() -> tuple[float, float | None]:
-        """(loss, exact match) on the seeds; exact match only when it selects (it decodes)."""
-        model.eval()
-        if cfg.select == "accuracy":
-            scored = evaluate_model(model, tok, seeds)
-            v = (scored.loss, scored.accuracy)
-        else:
-            v = (completion_loss(model, tok, seeds), None)
-        model.train()
-        return v
-
-    def better(loss: float, acc: float | None) -> bool:
-        if cfg.select == "accuracy":
-            # Teacher-forced seed loss keeps rising while the student grows confident and its
-            # answers still improve; exact match is what is asked of it. Ties go to the later
-            # state, trained further down the cosine schedule.
-            return acc >= best_acc
-        return loss < best_loss - 1e-6
-
-    best_loss, best_acc = seed_score()
-    history = [(0, round(best_loss, 5))]
-    acc_history = [(0, best_acc)] if best_acc is not None else []
+    selection = SeedSelection(cfg.select, cfg.patience)
+    loss0, acc0 = seed_check(model, tok, seeds, cfg.select)
+    selection.offer(0, loss0, acc0)
+    history = [(0, round(loss0, 5))]
+    acc_history = [(0, acc0)] if acc0 is not None else []
     best_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    best_step, bad, step, train_losses = 0, 0, 0, []
+    step, train_losses = 0, []
     model.train()
     for step in range(1, cfg.steps + 1):
         batch = [data[rng.randrange(len(data))] for _ in range(bs)]
@@ -941,18 +925,15 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
         sched.step()
         train_losses.append(loss.item())
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            v, acc = seed_score()
+            v, acc = seed_check(model, tok, seeds, cfg.select)
             history.append((step, round(v, 5)))
             if acc is not None:
                 acc_history.append((step, acc))
-            if better(v, acc):
-                best_loss, best_acc, best_step, bad = v, acc, step, 0
+            if selection.offer(step, v, acc):
                 best_state = {k: t.detach().clone() for k, t in get_peft_model_state_dict(model).items()}
-            else:
-                bad += 1
             if progress:
                 progress(step / cfg.steps, f"step {step}/{cfg.steps}, train loss {train_losses[-1]:.4f}, seed loss {v:.4f}")
-            if bad >= cfg.patience:
+            if selection.stop:
                 break
     set_peft_model_state_dict(model, best_state)
     model.eval()
@@ -961,9 +942,9 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
         out = Adapter.load(tmp)
     out.config["base_model_name_or_path"] = target_slug or target_base_dir.name
     head = train_losses[:10]
-    info = {"steps_run": step, "best_step": best_step, "best_seed_loss": round(best_loss, 5),
+    info = {"steps_run": step, "best_step": selection.best_step, "best_seed_loss": round(selection.best_loss, 5),
             "seed_loss_history": history, "seed_accuracy_history": acc_history, "select": cfg.select,
-            "best_seed_accuracy": best_acc, "rank": r, "alpha": alpha, "target_modules": targets,
+            "best_seed_accuracy": selection.best_accuracy if acc0 is not None else None, "rank": r, "alpha": alpha, "target_modules": targets,
             "train_examples": len(data), "soft_labels": soft,
             "train_loss_first": round(sum(head) / max(1, len(head)), 5),
             "train_loss_last": round(sum(train_losses[-10:]) / max(1, len(train_losses[-10:])), 5)}
