@@ -22,7 +22,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from hub.registry import jobs as job_services
 from hub.registry import plans, selectors, services
 from hub.registry import webhooks as webhook_services
-from hub.registry.models import Adapter, ApiToken, BaseModel, Job, Tag, Webhook
+from hub.registry.models import Adapter, ApiToken, BaseModel, Job, Tag
 from hub.registry.querysets import owner_names
 from hub.registry.selectors import NotFound
 from hub.registry.validation import ValidationError
@@ -423,9 +423,9 @@ def webhooks_page(request):
             request.session["new_webhook_secret"] = [hook.pk, hook.secret]
             return redirect("frontend:webhooks")
     new_secret = request.session.pop("new_webhook_secret", None)
-    hooks = list(Webhook.objects.filter(owner__in=owners).prefetch_related("deliveries"))
-    for hook in hooks:
-        hook.recent = list(hook.deliveries.all()[:5])
+    hooks = list(webhook_services.webhooks_visible_to(request.user))
+    for hook in hooks:  # the latest five each; payloads stay in the database
+        hook.recent = list(hook.deliveries.defer("payload")[:5])
     response = render(request, "frontend/webhooks.html", {
         "form": form, "hooks": hooks, "new_secret": new_secret,
     }, status=400 if request.method == "POST" else 200)
@@ -438,7 +438,7 @@ def webhooks_page(request):
 @require_POST
 def webhook_action(request, pk, action):
     # Only webhooks of namespaces the user writes: any other id is a 404.
-    hook = Webhook.objects.filter(pk=pk, owner__in=owner_names(request.user)).first()
+    hook = webhook_services.webhooks_visible_to(request.user).filter(pk=pk).first()
     if hook is None:
         raise Http404
     if action == "delete":

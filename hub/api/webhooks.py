@@ -10,17 +10,11 @@ from rest_framework.views import APIView
 from hub.api import serializers as s
 from hub.registry import webhooks
 from hub.registry.models import Webhook
-from hub.registry.querysets import owner_names
 from hub.registry.selectors import NotFound
 
 
-def visible_webhooks(user):
-    qs = Webhook.objects.all()
-    return qs if user.is_superuser else qs.filter(owner__in=owner_names(user))
-
-
 def webhook_get(user, pk) -> Webhook:
-    hook = visible_webhooks(user).filter(pk=pk).first() if str(pk).isdigit() else None
+    hook = webhooks.webhooks_visible_to(user).filter(pk=pk).first() if str(pk).isdigit() else None
     if hook is None:
         raise NotFound("webhook_not_found", f"Webhook {pk} does not exist or is not yours.")
     return hook
@@ -31,7 +25,7 @@ class WebhookList(generics.ListAPIView):
     permission_classes = [permissions.IsAuthenticated]
 
     def get_queryset(self):
-        return visible_webhooks(self.request.user)
+        return webhooks.webhooks_visible_to(self.request.user)
 
     @extend_schema(request=s.WebhookCreateSerializer, responses={201: s.WebhookCreatedSerializer})
     def post(self, request):

@@ -127,6 +127,14 @@ def check_events(events) -> list[str]:
     return sorted(set(events), key=Webhook.EVENTS.index)
 
 
+def webhooks_visible_to(user):
+    """Webhooks of the namespaces the user may write (all of them for superusers)."""
+    from .querysets import owner_names
+
+    qs = Webhook.objects.all()
+    return qs if user.is_superuser else qs.filter(owner__in=owner_names(user))
+
+
 def webhook_create(*, user, owner: str, url: str, events=None, description: str = "") -> Webhook:
     check_can_write(user, owner)
     return Webhook.objects.create(owner=owner, url=check_url(url), events=check_events(events),
