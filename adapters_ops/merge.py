@@ -19,7 +19,8 @@ is exactly what the method's paper defines (see docs/merge.md):
 ==================  ==========================================================
 
 Dense methods build one module's updates at a time, so memory stays at a few
-``out x in`` matrices whatever the adapter's size, and re-factor the merged
+``out x in`` matrices whatever the adapter's size (on ``device``: a GPU when
+given one, the inputs and the result staying on the CPU), and re-factor the merged
 update with a truncated SVD (``low_rank``: subspace iteration started from the
 inputs' A rows) instead of a full one. The merged adapter is a
 valid PEFT LoRA: scaling is folded into B, ``lora_alpha == r``, ``use_rslora``
@@ -118,14 +119,14 @@ def drop(tensor: torch.Tensor, density: float, generator: torch.Generator) -> to
     """DARE: keep each entry with probability ``density`` and rescale by 1/density."""
     if density >= 1:
         return tensor
-    keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32) < density
+    keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32, device=tensor.device) < density
     return tensor * keep / density
 
 
 def _drop_unscaled_(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     # ``drop`` without the 1/density rescale, which callers apply once to the merged result.
     if density < 1:
-        x.mul_(torch.rand(x.shape, generator=generator, dtype=torch.float32) < density)
+        x.mul_(torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device) < density)
     return x
 
 
@@ -142,7 +143,7 @@ def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
         raise AdapterError(f"majority_sign must be 'total' or 'frequency', got {method!r}", "invalid_param")
     # +1 with the sign bit of the mass (10x faster than torch.where); adding
     # +0.0 first turns a -0.0 mass into +0.0, so a zero mass elects +1.
-    return torch.copysign(torch.ones((), dtype=stacked.dtype), mass.add_(0.0))
+    return torch.copysign(torch.ones((), dtype=stacked.dtype, device=mass.device), mass.add_(0.0))
 
 
 def disjoint_mean(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -243,6 +244,7 @@ class MergeParams:
     seed: int = 0
     modules: ModulesMode = "strict"
     majority_sign: str = "total"
+    device: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -276,6 +278,8 @@ class MergeParams:
                                "invalid_param")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise AdapterError(f"seed must be an integer, got {self.seed!r}", "invalid_param")
+        if self.device is not None:
+            _work_device(self.device)  # raises on a name torch does not know or a device this machine lacks
 
 
 @dataclass
@@ -326,6 +330,7 @@ def merge(
     *,
     modules: ModulesMode = "strict",
     majority_sign: str = "total",
+    device: str | torch.device | None = None,
 ) -> Adapter:
     """Merge ``adapters`` (Adapter objects or PEFT adapter directories) with ``weights``.
 
@@ -333,10 +338,12 @@ def merge(
     "strict" (default) refuses, "union" merges every module (an adapter
     without a module contributes nothing there), "intersection" keeps only
     modules all adapters have. See ``merge_with_report`` for the per-module
-    ranks and captured energy.
+    ranks and captured energy. ``device`` (e.g. "cuda") is where the dense
+    methods build and merge each module's updates; inputs and result stay on
+    the CPU. Default: the CPU.
     """
     return merge_with_report(adapters, weights, method, density, rank, seed,
-                             modules=modules, majority_sign=majority_sign).adapter
+                             modules=modules, majority_sign=majority_sign, device=device).adapter
 
 
 def merge_with_report(
@@ -349,6 +356,7 @@ def merge_with_report(
     *,
     modules: ModulesMode = "strict",
     majority_sign: str = "total",
+    device: str | torch.device | None = None,
 ) -> MergeResult:
     """``merge`` that also returns a MergeReport (ranks and captured energy per module)."""
     adapters = [a if isinstance(a, Adapter) else Adapter.load(a) for a in adapters]
@@ -359,7 +367,8 @@ def merge_with_report(
     if len(adapters) != len(weights):
         raise AdapterError(f"{len(adapters)} adapters but {len(weights)} weights", "invalid_weights")
     params = MergeParams(method=method, weights=tuple(weights), density=density, rank=rank, seed=seed,
-                         modules=modules, majority_sign=majority_sign)
+                         modules=modules, majority_sign=majority_sign,
+                         device=None if device is None else str(device))
     spec = METHODS[params.method]
     module_names = _check_compatible(adapters, params.modules)
 
@@ -377,8 +386,8 @@ def merge_with_report(
             b, a, energy, solver = _merge_factors(module, parts, params, spec)
         else:
             b, a, energy, solver = _merge_dense(module, parts, params, spec, in_ranks)
-        tensors[f"{module}.lora_A.weight"] = a.to(out_dtype).contiguous()
-        tensors[f"{module}.lora_B.weight"] = b.to(out_dtype).contiguous()
+        tensors[f"{module}.lora_A.weight"] = a.to("cpu", out_dtype).contiguous()
+        tensors[f"{module}.lora_B.weight"] = b.to("cpu", out_dtype).contiguous()
         ranks[module] = int(a.shape[0])
         report.modules[module] = {"rank": ranks[module], "energy": energy, "solver": solver}
 
@@ -416,18 +425,23 @@ def _merge_factors(module, parts, params: MergeParams, spec: MergeMethod):
 def _merge_dense(module, parts, params: MergeParams, spec: MergeMethod, in_ranks):
     # Only this module's updates are dense at any time: n x out x in floats,
     # written by the matmuls straight into the buffer the method then reuses.
+    dev = _work_device(params.device)
     out_dim = parts[0][1].tensors[parts[0][1].key(module, "B")].shape[0]
     in_dim = parts[0][1].tensors[parts[0][1].key(module, "A")].shape[1]
-    updates = torch.empty(len(parts), out_dim, in_dim)
-    for i, (w, a) in enumerate(parts):
-        torch.mm(_scaled_b(a, module, w, torch.float32), a.tensors[a.key(module, "A")].float(), out=updates[i])
-    merged = spec.dense(updates, float(params.density), _module_generator(params.seed, module), params.majority_sign)
+    # The thin factors go to the device; the dense updates are only ever built there.
+    factors = [(_scaled_b(a, module, w, torch.float32).to(dev), a.tensors[a.key(module, "A")].to(dev, torch.float32))
+               for w, a in parts]
+    updates = torch.empty(len(parts), out_dim, in_dim, device=dev)
+    for i, (b, a) in enumerate(factors):
+        torch.mm(b, a, out=updates[i])
+    merged = spec.dense(updates, float(params.density), _module_generator(params.seed, module, device=dev),
+                        params.majority_sign)
     del updates
     default = max(in_ranks) if spec.default_rank == "max" else sum(in_ranks)
     # The merged update's dominant rows lie close to the inputs' row spaces:
     # the stacked A factors start the truncated SVD's subspace iteration there.
-    row_hint = torch.cat([a.tensors[a.key(module, "A")].float() for _, a in parts])
-    return low_rank(merged, params.rank or default, _module_generator(params.seed, module, "sketch"), row_hint)
+    row_hint = torch.cat([a for _, a in factors])
+    return low_rank(merged, params.rank or default, _module_generator(params.seed, module, "sketch", dev), row_hint)
 
 
 # --- re-factoring a dense update to rank r ----------------------------------------------------
@@ -484,7 +498,8 @@ def _subspace_iteration(matrix: torch.Tensor, r: int, generator: torch.Generator
     """(b, a, kept squared norm) of the converged sketch, or None if it did not converge."""
     n = matrix.shape[1]
     hint_rows = 0 if row_hint is None else row_hint.shape[0]
-    start = torch.randn(n, _sketch_width(r, row_hint) - hint_rows, generator=generator, dtype=matrix.dtype)
+    start = torch.randn(n, _sketch_width(r, row_hint) - hint_rows, generator=generator, dtype=matrix.dtype,
+                        device=matrix.device)
     if hint_rows:
         start = torch.cat([row_hint.T.to(matrix.dtype), start], dim=1)
     x = torch.linalg.qr(start).Q  # n x width, orthonormal
@@ -520,14 +535,35 @@ def _energy(s: torch.Tensor, r: int) -> float:
     return 1.0 if total == 0.0 else float((s[:r] * s[:r]).sum()) / total
 
 
-def _module_generator(seed: int, module: str, purpose: str = "") -> torch.Generator:
+def _module_generator(seed: int, module: str, purpose: str = "",
+                      device: torch.device | None = None) -> torch.Generator:
     # One generator per (seed, module): a module's DARE masks do not depend on
     # which other modules exist or in which order they are processed. The
     # truncated SVD's sketch draws from a second stream (``purpose``), so DARE's
-    # masks stay the documented first draws of the plain one.
+    # masks stay the documented first draws of the plain one. A CUDA generator
+    # (Philox) draws other numbers than the CPU's (Mersenne Twister) from the
+    # same seed: masks are reproducible per device type, not across them.
     key = f"{seed}:{module}" + (f":{purpose}" if purpose else "")
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    gen = torch.Generator() if device is None else torch.Generator(device=device)
+    return gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def _work_device(name: str | None) -> torch.device:
+    """The device the dense methods work on: the CPU unless a present one is named."""
+    if name is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise AdapterError(f"unknown device {name!r}; use 'cpu' or 'cuda' (or 'cuda:N')", "invalid_param") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise AdapterError(f"device {name!r} is not supported; use 'cpu' or 'cuda'", "invalid_param")
+    if not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+        raise AdapterError(f"device {name!r} is not available on this machine", "invalid_param")
+    return dev
 
 
 def _common_dtype(adapters: list[Adapter]) -> torch.dtype:
@@ -623,6 +659,7 @@ def search_weights(
     density: float | None = None,
     rank: int | None = None,
     modules: ModulesMode = "strict",
+    device: str | None = None,
 ) -> WeightSearch:
     """Gradient-free search for composition weights (LoraHub's recipe).
 
@@ -647,7 +684,8 @@ def search_weights(
     if init is not None and len(init) != n:
         raise AdapterError(f"{n} adapters but {len(init)} initial weights", "invalid_weights")
     # Fail fast on bad method/density/rank/modules before spending the budget.
-    MergeParams(method=method, weights=(1.0,) * n, density=density, rank=rank, seed=seed, modules=modules)
+    MergeParams(method=method, weights=(1.0,) * n, density=density, rank=rank, seed=seed, modules=modules,
+                device=device)
     _check_compatible(adapters, modules)
 
     rng = random.Random(seed)
@@ -658,7 +696,8 @@ def search_weights(
     history: list[dict] = []
 
     def evaluate(x):
-        merged = merge(adapters, x, method=method, density=density, rank=rank, seed=seed, modules=modules)
+        merged = merge(adapters, x, method=method, density=density, rank=rank, seed=seed, modules=modules,
+                       device=device)
         score = float(score_fn(merged))
         objective = score - l1 * sum(abs(v) for v in x) if math.isfinite(score) else -math.inf
         history.append({"weights": list(x), "score": score, "objective": objective})

@@ -16,6 +16,8 @@ printed in the last column.
     python benchmarks/bench_merge.py                        # the default shapes
     python benchmarks/bench_merge.py --layers 2 --methods cat svd ties
     python benchmarks/bench_merge.py --energy-check         # truncated SVD vs the optimum
+    python benchmarks/bench_merge.py --device cuda --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 \
+        --layers 2                                          # 8B shapes on a GPU (both sides on CUDA)
     python benchmarks/bench_merge.py --from-json run.json   # reprint a saved run's table
 """
 
@@ -85,16 +87,37 @@ def build(workdir: Path, args) -> None:
         get_peft_model(model, lcfg).save_pretrained(workdir / f"adapter{i}")
 
 
-def warm_up() -> None:
-    """First calls into LAPACK and the thread pool cost time for either side: pay it untimed."""
+def warm_up(device: str = "cpu") -> None:
+    """First calls into LAPACK/cuSOLVER and the thread pool cost time for either side: pay it untimed."""
     import torch
 
-    m = torch.randn(96, 64)
+    m = torch.randn(96, 64, device=device)
     torch.linalg.svd(m, full_matrices=True)
     torch.linalg.svd(m.double(), full_matrices=False)
     torch.linalg.qr(m.double())
+    torch.linalg.eigvalsh(m.double().T @ m.double())
     torch.kthvalue(m.flatten(), 10)
     torch.topk(m.flatten(), 10)
+    torch.bincount(torch.arange(64, device=device))
+    torch.rand(8, device=device, generator=torch.Generator(device=device))
+
+
+class PeakCuda:
+    """Peak extra CUDA memory allocated by torch while the block runs."""
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.extra_mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
 
 
 def worker(impl: str, method: str, workdir: Path, args) -> dict:
@@ -102,7 +125,7 @@ def worker(impl: str, method: str, workdir: Path, args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    warm_up()
+    warm_up(args.device)
     dirs = [workdir / f"adapter{i}" for i in range(args.adapters)]
     weights = [round(1.0 / args.adapters + 0.1 * i, 3) for i in range(args.adapters)]
     density = args.density if method in DENSITY_METHODS else None
@@ -113,7 +136,7 @@ def worker(impl: str, method: str, workdir: Path, args) -> dict:
         adapters = [Adapter.load(d) for d in dirs]
 
         def call(i):
-            merge.merge(adapters, weights, method=method, density=density, seed=i)
+            merge.merge(adapters, weights, method=method, density=density, seed=i, device=args.device)
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -122,6 +145,7 @@ def worker(impl: str, method: str, workdir: Path, args) -> dict:
                                           adapter_name="in0")
         for i, d in enumerate(dirs[1:], start=1):
             model.load_adapter(d, adapter_name=f"in{i}")
+        model.to(args.device)
         kwargs = {"density": density} if density is not None else {}
 
         def call(i):
@@ -129,16 +153,25 @@ def worker(impl: str, method: str, workdir: Path, args) -> dict:
                                        combination_type=method, **kwargs)
             model.delete_adapter(f"merged{i}")  # a new name each time: PEFT skips existing names
 
+    cuda = args.device.startswith("cuda")
     times, extra = [], 0.0
     for i in range(args.repeat):
         if sum(times) > args.min_time:  # slow methods: one or two calls are enough
             break
-        with PeakRSS() as mem:
+        # On CUDA the memory that matters is the device's; the call ends when the device is done.
+        with PeakCuda() if cuda else PeakRSS() as mem:
             t0 = time.perf_counter()
             call(i)
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         extra = max(extra, mem.extra_mib)
-    return {"seconds": min(times), "times": times, "extra_mib": extra, "peak_mib": mem.peak / 1024}
+    out = {"seconds": min(times), "times": times, "extra_mib": extra}
+    if cuda:
+        out["device"] = torch.cuda.get_device_name()
+    else:
+        out["peak_mib"] = mem.peak / 1024
+    return out
 
 
 def run_one(impl: str, method: str, workdir: Path, argv: list[str]) -> dict:
@@ -165,6 +198,9 @@ def main() -> None:
     p.add_argument("--min-time", type=float, default=3.0, help="stop repeating once the calls took this long (s)")
     p.add_argument("--methods", nargs="+", default=ALL, choices=ALL)
     p.add_argument("--no-peft", action="store_true", help="time only our implementation")
+    p.add_argument("--device", default="cpu",
+                   help="where both sides merge: cpu, or cuda (ours: merge(device=); PEFT: the model moved there); "
+                        "extra memory is then the device's")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--from-json", type=Path, help="print the table of an earlier run's --json file and exit")
     p.add_argument("--energy-check", action="store_true",
@@ -183,14 +219,15 @@ def main() -> None:
     # The workers rebuild nothing: they only need the shape flags to name inputs.
     argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
             ("hidden", "intermediate", "layers", "heads", "kv_heads", "adapters", "rank", "density", "threads",
-             "repeat", "min_time")]
+             "repeat", "min_time", "device")]
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
         workdir = Path(tmp)
         t0 = time.perf_counter()
         build(workdir, args)
         print(f"# base: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
               f"heads {args.heads}/{args.kv_heads}; {args.adapters} adapters rank {args.rank} on all linear "
-              f"layers; density {args.density}; torch threads {args.threads or 'default'}; best of <= {args.repeat} calls "
+              f"layers; density {args.density}; device {args.device}; torch threads {args.threads or 'default'}; "
+              f"best of <= {args.repeat} calls "
               f"(built in {time.perf_counter() - t0:.1f}s)", flush=True)
         if args.energy_check:
             energy_check(workdir, args)

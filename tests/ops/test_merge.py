@@ -487,6 +487,32 @@ def test_dare_is_deterministic_per_seed(ad):
         assert rel(out_delta(full, module), out_delta(exact, module)) < 1e-5
 
 
+def test_explicit_cpu_device_is_the_default(ad):
+    args = ([ad["a"], ad["b"]], [1.0, -0.5])
+    for method in ("ties", "dare_ties"):
+        default = M.merge(*args, method=method, density=0.5, seed=2)
+        cpu = M.merge(*args, method=method, density=0.5, seed=2, device=torch.device("cpu"))
+        assert default.tensors.keys() == cpu.tensors.keys()
+        assert all(torch.equal(t, cpu.tensors[k]) for k, t in default.tensors.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,names,weights,density,sign", DENSE_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(DENSE_CASES)])
+def test_cuda_merge_matches_reference_and_returns_cpu_tensors(ad, method, names, weights, density, sign):
+    inputs = [ad[n] for n in names]
+    merged = M.merge(inputs, weights, method=method, density=density, rank=FULL, seed=11, majority_sign=sign,
+                     device="cuda")
+    assert all(t.device.type == "cpu" for t in merged.tensors.values())
+    for module in merged.modules():
+        taus = [w * ref_delta(a, module) for w, a in zip(weights, inputs, strict=True)]
+        # Same seeding rule, drawn by the CUDA generator (other numbers than the CPU's).
+        gen = M._module_generator(11, module, device=torch.device("cuda"))
+        masks = [(torch.rand(t.shape, generator=gen, device="cuda") < density).double().cpu() for t in taus]
+        assert rel(out_delta(merged, module), ref_dense(method, taus, density, masks, sign)) < 1e-4, module
+
+
 def test_dare_seed_does_not_depend_on_module_set(ad):
     # union vs strict on the same module gives the same masks (one generator per module)
     module = "base_model.model.model.layers.1.self_attn.v_proj"
@@ -587,6 +613,12 @@ ERROR_CASES = [
      "different_modules"),
     ("shape-mismatch", ["a", _wider], {"weights": [1, 1], "method": "svd"}, AdapterError, "shape_mismatch"),
     ("extra-tensors", ["a", _with_extra], {"weights": [1, 1], "method": "cat"}, AdapterError, "unsupported_adapter"),
+    ("device-unknown", ["a", "b"], {"weights": [1, 1], "method": "ties", "density": 0.5, "device": "gpu0"},
+     AdapterError, "invalid_param"),
+    ("device-unsupported", ["a", "b"], {"weights": [1, 1], "method": "ties", "density": 0.5, "device": "meta"},
+     AdapterError, "invalid_param"),
+    ("device-absent", ["a", "b"], {"weights": [1, 1], "method": "ties", "density": 0.5,
+                                   "device": f"cuda:{torch.cuda.device_count()}"}, AdapterError, "invalid_param"),
 ]
 
 

@@ -48,13 +48,14 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
             return sum(s.values()) / len(s)
 
         found = merging.search_weights(loras, score, p["method"], budget=budget, seed=p["seed"],
-                                       density=p.get("density"), rank=p.get("rank"))
+                                       density=p.get("density"), rank=p.get("rank"), device=ctx.device)
         weights = [round(w, 4) for w in found.weights]
         metrics["weight_search"] = {"score": found.score, "evaluations": len(found.history)}
     weights = weights or [1.0 / len(loras)] * len(loras)
     ctx.progress(0.8, f"Merging {len(loras)} adapters ({p['method']})")
+    # Dense methods build each module's updates on the worker's GPU when it has one.
     result = merging.merge_with_report(loras, weights, p["method"], density=p.get("density"), rank=p.get("rank"),
-                                       seed=p["seed"])
+                                       seed=p["seed"], device=ctx.device)
     merged, report = result.adapter, result.report
     merged.config["base_model_name_or_path"] = base_model.slug
     metrics.update(weights=list(weights), min_captured_energy=round(report.min_energy, 6),
