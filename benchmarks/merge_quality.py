@@ -3,13 +3,15 @@ zoo's skill adapters (all trained on tiny-llama-3.0), next to each single adapte
 
     .venv/bin/python benchmarks/merge_quality.py [--zoo DIR] [--skills caesar reverse]
         [--methods cat svd ties ...] [--weight 1.0] [--density 0.5] [--limit N] [--search BUDGET]
+        [--search-objective mean-loss|worst-loss]
 
 Rows: the base alone, each skill's own adapter, then one merge of all chosen
 skills' adapters per method (same weight for each, default 1.0: every skill's
 full update). Cells: exact match on the skill's test split (teacher-forced
 completion loss in parentheses). With --search, one more row: `linear` with
 weights from merge.search_weights, scored on the skills' seed examples only
-(mean negative completion loss), as a Trans-LoRA/LoraHub worker would.
+(minus the mean completion loss, LoraHub's objective, or with
+--search-objective worst-loss minus the worst skill's), as a LoraHub worker would.
 
 With --train-low-interference, the zoo's adapters are replaced by fresh ones
 trained here on tiny-llama-3.0 from each skill's train split, with settings
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="score only the first N test examples")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--search", type=int, default=0, metavar="BUDGET", help="also search weights (0: off)")
+    ap.add_argument("--search-objective", choices=["mean-loss", "worst-loss"], default="mean-loss",
+                    help="seed score the search maximises: minus the mean, or minus the worst, skill's loss")
     ap.add_argument("--seed", type=int, default=0)
     li = ap.add_argument_group("low-interference adapters (trained here instead of the zoo's)")
     li.add_argument("--train-low-interference", action="store_true")
@@ -312,7 +316,8 @@ def main(argv=None) -> int:
     if args.search:
         def seed_score(candidate: Adapter) -> float:
             model = load_model(base, candidate)
-            return -sum(completion_loss(model, tok, seeds[s]) for s in skills) / len(skills)
+            losses = [completion_loss(model, tok, seeds[s]) for s in skills]
+            return -(max(losses) if args.search_objective == "worst-loss" else sum(losses) / len(losses))
 
         found = merge.search_weights(adapters, seed_score, "linear", budget=args.search, seed=args.seed)
         merged = merge.merge(adapters, found.weights, method="linear")
