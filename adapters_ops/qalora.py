@@ -711,27 +711,13 @@ def student_adapter(adapter: Adapter, group_size: int, *, init: str = "converted
 def synthetic_examples(base_dir: str | os.PathLike, adapter: Adapter, seeds: Iterable[dict], *, n: int = 1024,
                        generator: str = "auto", filter_inputs: bool = True, seed: int = 0,
                        progress: Progress = None) -> tuple[list[dict], dict]:
-    """Task inputs written by Trans-LoRA's generate stage (few-shot from the seeds; mutation of the
-    seed prompts when the base writes nothing usable), optionally filtered by its discriminator, and
-    answered by the teacher: the fp base + the original adapter. Returns [{"prompt", "completion"}]
+    """Task inputs written from the seeds and answered by the teacher, the fp base + the original
+    adapter (in plain LoRA form): `translora.teacher_examples`. Returns [{"prompt", "completion"}]
     and the stages' reports."""
     from . import translora
-    from .evaluate import read_examples
 
-    seeds = read_examples(seeds)
-    if n < 1:
-        raise AdapterError(f"n must be >= 1, got {n!r}", "invalid_parameter")
-    cfg = translora.TransLoraConfig(n_synthetic=n, generator=generator, filter=filter_inputs, seed=seed)
-    teacher_lora = to_dense_lora(adapter)
-    _report(progress, 0.0, f"generating {n} task inputs")
-    rows, gen_info = translora.generate_candidates(base_dir, base_dir, seeds, cfg, seed=seed)
-    _report(progress, 0.4, f"filtering {len(rows)} task inputs")
-    rows, filter_info = translora.filter_candidates(base_dir, base_dir, seeds, rows, cfg, seed=seed)
-    _report(progress, 0.6, f"labelling {len(rows)} task inputs with the teacher")
-    rows, label_info = translora.label(base_dir, teacher_lora, seeds, rows, cfg)
-    _report(progress, 1.0, f"{len(rows)} synthetic examples")
-    out = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
-    return out, {"generate": gen_info, "filter": filter_info, "label": label_info, "examples": len(out)}
+    return translora.teacher_examples(base_dir, to_dense_lora(adapter), seeds, n=n, generator=generator,
+                                      filter_inputs=filter_inputs, seed=seed, progress=progress)
 
 
 def _distill_loss(model, teacher, batch, cfg: RecoveryConfig) -> torch.Tensor:

@@ -951,6 +951,33 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     return out, info
 
 
+def teacher_examples(base_dir, adapter: Adapter, seeds, *, n: int = 1024, generator: str = "auto",
+                     filter_inputs: bool = True, seed: int = 0,
+                     progress: Callable[[float, str], None] | None = None) -> tuple[list[dict], dict]:
+    """Stages (a)-(c) on one base: task inputs written from the seeds (`generator`), kept by the
+    discriminator (`filter_inputs`), answered by `base_dir` + `adapter` (the teacher). What a
+    student on the same base learns the adapter's skill from (QA-LoRA recovery, distilled
+    composition). Returns [{"prompt", "completion"}] and the stages' reports."""
+    seeds = read_examples(seeds)
+    if n < 1:
+        raise AdapterError(f"n must be >= 1, got {n!r}", "invalid_parameter")
+    cfg = TransLoraConfig(n_synthetic=n, generator=generator, filter=filter_inputs, seed=seed)
+
+    def say(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
+    say(0.0, f"generating {n} task inputs")
+    rows, gen_info = generate_candidates(base_dir, base_dir, seeds, cfg, seed=seed)
+    say(0.4, f"filtering {len(rows)} task inputs")
+    rows, filter_info = filter_candidates(base_dir, base_dir, seeds, rows, cfg, seed=seed)
+    say(0.6, f"labelling {len(rows)} task inputs with the teacher")
+    rows, label_info = label(base_dir, adapter, seeds, rows, cfg)
+    say(1.0, f"{len(rows)} synthetic examples")
+    out = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    return out, {"generate": gen_info, "filter": filter_info, "label": label_info, "examples": len(out)}
+
+
 # --- (e) evaluation and the whole run ---------------------------------------------------------------
 
 

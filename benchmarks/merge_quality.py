@@ -3,7 +3,7 @@ zoo's skill adapters (all trained on tiny-llama-3.0), next to each single adapte
 
     .venv/bin/python benchmarks/merge_quality.py [--zoo DIR] [--skills caesar reverse]
         [--methods cat svd ties ...] [--weight 1.0] [--density 0.5] [--limit N] [--search BUDGET]
-        [--search-objective mean-loss|worst-loss]
+        [--search-objective mean-loss|worst-loss] [--distill STEPS]
 
 Rows: the base alone, each skill's own adapter, then one merge of all chosen
 skills' adapters per method (same weight for each, default 1.0: every skill's
@@ -12,6 +12,8 @@ completion loss in parentheses). With --search, one more row: `linear` with
 weights from merge.search_weights, scored on the skills' seed examples only
 (minus the mean completion loss, LoraHub's objective, or with
 --search-objective worst-loss minus the worst skill's), as a LoraHub worker would.
+With --distill, one more row: one student distilled from every adapter on its
+own skill from the seeds (adapters_ops.compose; 0 steps: its default).
 
 With --train-low-interference, the zoo's adapters are replaced by fresh ones
 trained here on tiny-llama-3.0 from each skill's train split, with settings
@@ -250,6 +252,9 @@ def main(argv=None) -> int:
     ap.add_argument("--search-objective", choices=["mean-loss", "worst-loss"], default="mean-loss",
                     help="seed score the search maximises: minus the mean, or minus the worst, skill's loss")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distill", type=int, default=None, metavar="STEPS",
+                    help="also compose by distillation (adapters_ops.compose) with this many steps (0: its default, "
+                         "1000 per skill)")
     li = ap.add_argument_group("low-interference adapters (trained here instead of the zoo's)")
     li.add_argument("--train-low-interference", action="store_true")
     d = LowInterference()
@@ -323,6 +328,18 @@ def main(argv=None) -> int:
         merged = merge.merge(adapters, found.weights, method="linear")
         score_row("merge: linear, searched weights", merged,
                   f"weights {[round(w, 2) for w in found.weights]} after {len(found.history)} evaluations")
+
+    if args.distill is not None:
+        from adapters_ops import compose
+
+        d0 = time.perf_counter()
+        student, rep = compose.distill_merge(base, adapters, [seeds[s] for s in skills],
+                                             compose.ComposeConfig(steps=args.distill or None, seed=args.seed))
+        info = rep["distill"]
+        score_row("distill (compose)", student,
+                  f"rank {info['rank']}, {info['steps_run']} steps, kept step {info['best_step']}, "
+                  f"{sum(x['examples'] for x in rep['skills'])} synthetic examples, "
+                  f"{time.perf_counter() - d0:.0f}s")
 
     print(f"Merging {', '.join(skills)} (weight {args.weight} each, density {args.density} where used); "
           f"exact match on the test split (completion loss); {time.perf_counter() - t0:.0f}s")
