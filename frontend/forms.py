@@ -14,15 +14,12 @@ import json
 from django import forms
 
 from hub.registry.models import BaseModel, Revision, Webhook
+from workers.catalog import COMPOSE_METHODS
 
 SORTS = [("updated", "Recently updated"), ("created", "Newest"), ("downloads", "Most downloaded"),
          ("size", "Largest"), ("name", "Name")]
 ORDER = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size",
          "name": "name"}
-# Merge method names of adapters_ops.merge.METHODS (PEFT's combination_type names);
-# the catalog validates the choice, this list only fills the menu.
-MERGE_METHODS = ["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
-                 "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
 
 
 class BrowseForm(forms.Form):
@@ -157,11 +154,15 @@ class MergeForm(JobForm):
                              help_text="owner/name, comma-separated; this adapter comes first.")
     weights = forms.CharField(label="Weights", required=False, max_length=500,
                               help_text="Comma-separated, one per adapter. Empty: equal weights.")
-    method = forms.ChoiceField(label="Method", choices=[(m, m) for m in MERGE_METHODS], initial="linear")
+    method = forms.ChoiceField(label="Method", choices=[(m, m) for m in COMPOSE_METHODS], initial="linear",
+                               help_text="distill: one adapter taught by every input from its seed examples "
+                                         "(keeps the skills; minutes of work).")
     density = forms.FloatField(label="Density", required=False, min_value=0.001, max_value=1.0,
                                widget=forms.NumberInput(attrs={"step": "any"}),
                                help_text="For ties, dare and magnitude_prune.")
     rank = forms.IntegerField(label="Rank", required=False, min_value=1, help_text="Empty: the method's default.")
+    steps = forms.IntegerField(label="Steps", required=False, min_value=1,
+                               help_text="For distill: training steps. Empty: 1000 per adapter.")
     seed = forms.IntegerField(label="Seed", required=False, min_value=0, initial=0)
     name = forms.CharField(label="New adapter", max_length=193, help_text="owner/name of the result.")
 

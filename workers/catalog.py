@@ -41,6 +41,9 @@ class OpSpec:
     reads: tuple[str, ...] = ()
     creates: str | None = None
     bases: tuple[str, ...] = ()  # params naming base model slugs that must be registered
+    # Given the cleaned params, whether every adapter named by `reads` must carry
+    # seed examples (checked at submission, so a missing one is a 400, not a failed job).
+    needs_seeds: Callable[[dict], bool] | None = None
     module: str = ""
     test_only: bool = False
     extra: dict = field(default_factory=dict)
@@ -191,13 +194,16 @@ register(OpSpec(
 
 
 # Names of adapters_ops.merge.METHODS (a test keeps the two lists equal; the
-# web process must not import torch to validate a request).
+# web process must not import torch to validate a request), then "distill"
+# (adapters_ops.compose: one student distilled from every input, from the seeds).
 MERGE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune",
                  "ties_svd", "dare_ties_svd", "dare_linear_svd", "magnitude_prune_svd")
+COMPOSE_METHODS = MERGE_METHODS + ("distill",)
 
 
 def _merge_params(params: dict) -> dict:
-    only(params, {"adapters", "weights", "method", "density", "rank", "seed", "name", "search_weights", "budget"})
+    only(params, {"adapters", "weights", "method", "density", "rank", "seed", "name", "search_weights", "budget",
+                  "steps", "synthetic"})
     adapters = params.get("adapters")
     if not isinstance(adapters, list) or not 2 <= len(adapters) <= 16:
         raise bad("adapters must list 2 to 16 adapters as \"owner/name\".", "adapters")
@@ -205,9 +211,14 @@ def _merge_params(params: dict) -> dict:
     if len(set(out["adapters"])) != len(adapters):
         raise bad("adapters lists the same adapter twice.", "adapters")
     method = params.get("method", "linear")
-    if method not in MERGE_METHODS:
-        raise bad(f"method must be one of {', '.join(MERGE_METHODS)}; got {method!r}.", "method")
+    if method not in COMPOSE_METHODS:
+        raise bad(f"method must be one of {', '.join(COMPOSE_METHODS)}; got {method!r}.", "method")
     out["method"] = method
+    if method == "distill":
+        return _distill_params(params, out)
+    for key in ("steps", "synthetic"):
+        if params.get(key) is not None:
+            raise bad(f"{key} is a parameter of method distill, not of {method}.", key)
     weights = params.get("weights")
     if weights is not None:
         if not isinstance(weights, list) or len(weights) != len(adapters):
@@ -230,10 +241,28 @@ def _merge_params(params: dict) -> dict:
     return out
 
 
+def _distill_params(params: dict, out: dict) -> dict:
+    for key in ("weights", "density", "budget"):
+        if params.get(key) is not None:
+            raise bad(f"method distill learns from the seeds; it takes no {key}.", key)
+    if params.get("search_weights"):
+        raise bad("method distill learns from the seeds; it takes no search_weights.", "search_weights")
+    if params.get("rank") is not None:
+        out["rank"] = number(params, "rank", None, 1, 4096, integer=True)
+    if params.get("steps") is not None:  # default: 1000 per adapter (adapters_ops.compose)
+        out["steps"] = number(params, "steps", None, 1, 100_000, integer=True)
+    out["synthetic"] = number(params, "synthetic", 1024, 1, 16_384, integer=True)
+    out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
+    out["name"] = repo_id(params, "name")
+    return out
+
+
 register(OpSpec(
     name="merge", queue="cpu", soft_time_limit=3600, time_limit=3900, validate=_merge_params,
-    description="Merge adapters of one base into a new adapter (cat, svd, linear, ties, dare, ...).",
+    description="Merge adapters of one base into a new adapter (cat, svd, linear, ties, dare, ..., "
+                "or distill: one student taught by every input from its seeds).",
     adapter_param=None, reads=("adapters",), creates="name",
+    needs_seeds=lambda p: p["method"] == "distill",
 ))
 
 

@@ -631,8 +631,8 @@ def cmd_merge(args) -> int:
     if weights is not None and len(weights) != len(args.adapters):
         raise UserError(f"--weights has {len(weights)} numbers for {len(args.adapters)} adapters.")
     return submit("merge", {"adapters": args.adapters, "weights": weights, "method": args.method,
-                            "density": args.density, "rank": args.rank, "seed": args.seed, "name": args.name},
-                  args.wait)
+                            "density": args.density, "rank": args.rank, "seed": args.seed, "name": args.name,
+                            "steps": args.steps, "synthetic": args.synthetic}, args.wait)
 
 
 def cmd_quantize(args) -> int:
@@ -850,11 +850,15 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("merge", help="merge adapters into a new one (a job)")
     s.add_argument("adapters", nargs="+", metavar="owner/name")
-    s.add_argument("--method", required=True, help="e.g. linear, ties, dare_ties, svd, cat")
+    s.add_argument("--method", required=True,
+                   help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (and *_svd), or distill: "
+                        "one adapter taught by every input from its seed examples")
     s.add_argument("--weights", help="comma-separated, one per adapter")
     s.add_argument("--density", type=float)
     s.add_argument("--rank", type=int)
     s.add_argument("--seed", type=int)
+    s.add_argument("--steps", type=int, help="distill: training steps (default 1000 per adapter)")
+    s.add_argument("--synthetic", type=int, help="distill: synthetic task inputs per adapter (default 1024)")
     s.add_argument("--name", required=True, help="owner/name of the merged adapter")
     wait_flags(s)
     s.set_defaults(func=cmd_merge)

@@ -21,6 +21,7 @@ from workers import catalog, knob
 from . import selectors, webhooks
 from .models import Job
 from .services import Conflict, Forbidden, check_can_write
+from .validation import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,16 @@ def job_create(*, user, op, params=None) -> Job:
             # Pin the revision now: a ref that moves later must not change the job.
             cleaned["revision"] = selectors.revision_resolve(adapter, cleaned["revision"]).sha
     # Inputs the op reads must be visible to the caller (404 otherwise) ...
+    seeds_needed = spec.needs_seeds is not None and spec.needs_seeds(cleaned)
     for key in spec.reads:
         value = cleaned.get(key)
         for repo in value if isinstance(value, list) else [value] if value else []:
             o, n = repo.split("/", 1)
             found = selectors.adapter_get(user, o, n)
             adapter = adapter or found
+            if seeds_needed and found.seeds_id is None:
+                raise ValidationError("no_seeds", f"{repo} has no seed examples, which this job learns from; "
+                                      "upload them with `hubctl push --seeds` first.", field=f"params.{key}")
     # ... and a name the op will create must lie in a namespace the caller may write.
     if spec.creates and cleaned.get(spec.creates):
         check_can_write(user, cleaned[spec.creates].split("/", 1)[0])

@@ -248,6 +248,16 @@ def test_other_errors(pushed, hubctl, tokens, tmp_path):
     assert r.code == 1 and "required" in r.err and "Traceback" not in r.err
 
 
+@live
+def test_merge_distill_needs_seeds_on_every_input(pushed, hubctl, tokens, adapter_dir):
+    r = hubctl("push", adapter_dir, "--base", "tiny-base", "--name", "alice/plain", token=tokens["alice"])
+    assert r.code == 0, r.err
+    assert_clean_failure(hubctl("merge", "alice/skill", "alice/plain", "--method", "distill", "--steps", "10",
+                                "--name", "alice/m", token=tokens["alice"]), 1, "alice/plain has no seed examples")
+    assert_clean_failure(hubctl("merge", "alice/skill", "alice/plain", "--method", "distill", "--weights", "1,1",
+                                "--name", "alice/m", token=tokens["alice"]), 1, "takes no weights")
+
+
 @pytest.mark.parametrize("argv", [
     ["adapters"], ["base", "list"], ["pull", "alice/skill", "-o", "unused"], ["whoami"], ["jobs"],
     ["compress", "alice/skill"],

@@ -211,6 +211,21 @@ def test_starting_a_validate_job_with_htmx(world, web, user):
     assert Job.objects.count() == 2
 
 
+def test_distill_merge_form_shows_the_missing_seeds_on_the_adapters_field(world, web, user):
+    from hub.registry.models import Job
+
+    c = web(user)
+    html = c.get("/adapters/alice/public-child/").content.decode()
+    panel = html.split('id="op-merge"', 1)[1].split("</details>", 1)[0]
+    assert '<option value="distill">' in panel and 'name="merge-steps"' in panel
+    r = c.post("/adapters/alice/public-child/jobs", {
+        "op": "merge", "merge-others": "alice/zebra-secret", "merge-method": "distill", "merge-steps": "10",
+        "merge-name": "alice/both"}, HTTP_HX_REQUEST="true")
+    assert r.status_code == 422 and Job.objects.count() == 0
+    err = r.content.decode()
+    assert 'id="id_merge-others-error"' in err and "has no seed examples" in err
+
+
 def test_unknown_op_is_refused(world, web, user):
     r = web(user).post("/adapters/alice/public-child/jobs", {"op": "no-such-op"})
     assert r.status_code == 400

@@ -100,6 +100,58 @@ def test_merge_refuses_unknown_method_and_foreign_namespace(api, user, peft_adap
     assert r.status_code == 400
 
 
+def test_distill_merge_job_teaches_one_student_from_every_input(celery_procs, user, staff_user, zoo_dir,
+                                                                tmp_path):
+    """method=distill: the worker feeds each input's seeds to adapters_ops.compose and stores the
+    student as a merge revision of both parents (a short schedule: the library tests hold quality)."""
+    from adapters_ops.adapter import Adapter
+    from hub.registry.jobs import job_create
+    from hub.registry.models import Adapter as AdapterRow
+    from hub.registry.selectors import revision_resolve
+    from tests.workers.test_ops_transfer import _register_dir
+
+    base = _register_dir(staff_user, "tiny-llama-3.0", zoo_dir / "bases" / "tiny-llama-3.0")
+    for skill in ("caesar", "date"):
+        _upload(user, base, zoo_dir / "adapters" / skill, skill,
+                seeds=(zoo_dir / "tasks" / skill / "seed.jsonl").read_bytes())
+    celery_procs.worker()
+    job = job_create(user=user, op="merge", params={
+        "adapters": ["alice/caesar", "alice/date"], "method": "distill", "steps": 20, "synthetic": 32,
+        "name": "alice/caesar-date"})
+    done = wait_jobs([job.id], timeout=300)[str(job.id)]
+    assert done.status == "succeeded", done.error
+    rev = revision_resolve(AdapterRow.objects.get(owner="alice", name="caesar-date"), "main")
+    assert rev.kind == "merge"
+    assert {p.adapter.repo_id for p in rev.parents.all()} == {"alice/caesar", "alice/date"}
+    d = rev.metrics["distill"]
+    assert d["steps"] == 20 and d["rank"] == 16
+    assert set(d["examples_per_skill"]) == {"alice/caesar", "alice/date"} and min(d["examples_per_skill"].values()) > 0
+    assert set(rev.metrics["seed_accuracy"]) == set(rev.metrics["seed_accuracy_single"]) == {"alice/caesar",
+                                                                                             "alice/date"}
+    student = Adapter.load(_read_revision(rev, tmp_path))
+    assert student.config["r"] == 16 and student.config["base_model_name_or_path"] == "tiny-llama-3.0"
+
+
+def test_distill_merge_refuses_inputs_without_seeds_and_weight_params(api, user, tiny_base, peft_adapter,
+                                                                      make_peft_adapter):
+    from hub.registry.models import Job
+
+    _upload(user, tiny_base, make_peft_adapter("d-b", r=2, seed=3), "seeded", seeds=b'{"prompt": "a", "completion": "b"}\n')
+    before = Job.objects.count()
+    r = api.post("/api/v1/jobs/", {"op": "merge", "params": {
+        "adapters": ["alice/seeded", "alice/lora"], "method": "distill", "name": "alice/x"}}, format="json")
+    assert r.status_code == 400 and r.json()["error"] == "no_seeds" and "alice/lora" in r.json()["detail"]
+    for extra in ({"weights": [1, 1]}, {"density": 0.5}, {"search_weights": True}):
+        r = api.post("/api/v1/jobs/", {"op": "merge", "params": {
+            "adapters": ["alice/seeded", "alice/lora"], "method": "distill", "name": "alice/x", **extra}},
+            format="json")
+        assert r.status_code == 400 and next(iter(extra)) in r.json()["detail"], extra
+    r = api.post("/api/v1/jobs/", {"op": "merge", "params": {
+        "adapters": ["alice/seeded", "alice/lora"], "method": "ties", "steps": 10, "name": "alice/x"}}, format="json")
+    assert r.status_code == 400 and "distill" in r.json()["detail"]
+    assert Job.objects.count() == before
+
+
 def test_catalog_merge_methods_match_the_library():
     from adapters_ops.merge import METHODS
     from workers.catalog import MERGE_METHODS

@@ -1,9 +1,11 @@
 """`merge`: compose skills by merging adapters on one base into a new adapter.
 
-Weights are the user's, or found on the inputs' seed examples by a small
-gradient-free search (LoraHub's idea) when `search_weights` is set. When seeds
-exist, each input skill's seed accuracy is recorded for the merged adapter
-next to the single adapter's, so the lineage shows what the merge kept.
+Weight-space methods (adapters_ops.merge): weights are the user's, or found on
+the inputs' seed examples by a small gradient-free search (LoraHub's idea) when
+`search_weights` is set. `method="distill"` (adapters_ops.compose) instead
+distils one student from every input on its own skill, from the seeds. When
+seeds exist, each input skill's seed accuracy is recorded for the merged
+adapter next to the single adapter's, so the lineage shows what the merge kept.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         ctx.progress(0.05 + 0.15 * i / len(sources), f"Loading {a.repo_id}")
         loras.append(inputs.load_adapter(ctx, rev, name=f"in{i}"))
     seeds = {a.repo_id: s for a in sources if (s := inputs.seeds(a))}
+    distilled = p["method"] == "distill"
+    if distilled and len(seeds) < len(sources):
+        missing = ", ".join(a.repo_id for a in sources if a.repo_id not in seeds)
+        raise runner.OpError(f"method distill needs seed examples on every input adapter; {missing} has none "
+                             "(upload them with `hubctl push --seeds`).", "no_seeds")
     base = inputs.base_dir(ctx, base_model) if seeds else None
 
     def skill_scores(lora) -> dict[str, float]:
@@ -35,7 +42,9 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
 
     weights = p.get("weights")
     metrics: dict = {"method": p["method"]}
-    if p.get("search_weights"):
+    if distilled:
+        merged, metrics["distill"] = _distill(ctx, base, base_model.slug, sources, loras, seeds)
+    elif p.get("search_weights"):
         if not seeds:
             raise runner.OpError("search_weights needs seed examples on at least one input adapter.", "no_seeds")
         budget, tried = p.get("budget", 12), []
@@ -51,15 +60,16 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
                                        density=p.get("density"), rank=p.get("rank"), device=ctx.device)
         weights = [round(w, 4) for w in found.weights]
         metrics["weight_search"] = {"score": found.score, "evaluations": len(found.history)}
-    weights = weights or [1.0 / len(loras)] * len(loras)
-    ctx.progress(0.8, f"Merging {len(loras)} adapters ({p['method']})")
-    # Dense methods build each module's updates on the worker's GPU when it has one.
-    result = merging.merge_with_report(loras, weights, p["method"], density=p.get("density"), rank=p.get("rank"),
-                                       seed=p["seed"], device=ctx.device)
-    merged, report = result.adapter, result.report
-    merged.config["base_model_name_or_path"] = base_model.slug
-    metrics.update(weights=list(weights), min_captured_energy=round(report.min_energy, 6),
-                   mean_captured_energy=round(report.mean_energy, 6))
+    if not distilled:
+        weights = weights or [1.0 / len(loras)] * len(loras)
+        ctx.progress(0.8, f"Merging {len(loras)} adapters ({p['method']})")
+        # Dense methods build each module's updates on the worker's GPU when it has one.
+        result = merging.merge_with_report(loras, weights, p["method"], density=p.get("density"),
+                                           rank=p.get("rank"), seed=p["seed"], device=ctx.device)
+        merged, report = result.adapter, result.report
+        merged.config["base_model_name_or_path"] = base_model.slug
+        metrics.update(weights=list(weights), min_captured_energy=round(report.min_energy, 6),
+                       mean_captured_energy=round(report.mean_energy, 6))
     if seeds:
         ctx.progress(0.9, "Scoring the merged adapter on each skill's seeds")
         metrics["seed_accuracy"] = skill_scores(merged)
@@ -80,6 +90,22 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
                "adapter_model.safetensors": out / "adapter_model.safetensors"},
         message=f"{p['method']} merge of {len(sources)} adapters",
     )
+
+
+def _distill(ctx: runner.JobContext, base, slug: str, sources, loras, seeds) -> tuple:
+    from adapters_ops import compose
+
+    p = ctx.params
+    cfg = compose.ComposeConfig(synthetic=p.get("synthetic", 1024), steps=p.get("steps"), rank=p.get("rank"),
+                                seed=p["seed"])
+    student, report = compose.distill_merge(
+        base, loras, [seeds[a.repo_id] for a in sources], cfg, base_slug=slug,
+        progress=lambda f, msg: ctx.progress(0.2 + 0.7 * f, f"Distilling: {msg}"))
+    d = report["distill"]
+    summary = {"examples_per_skill": {a.repo_id: s["examples"] for a, s in zip(sources, report["skills"])},
+               "steps": d["steps_run"], "best_step": d["best_step"], "best_seed_accuracy": d["best_seed_accuracy"],
+               "rank": d["rank"], "seconds": report["seconds"]}
+    return student, summary
 
 
 @app.task(name="ops.merge", bind=True)
