@@ -81,6 +81,18 @@ def table(columns: list[str], rows: list[list], title: str | None = None) -> Non
     progress.out_console().print(t)
 
 
+def listing(items: list[dict], as_json: bool, empty: str, columns: list[str], row) -> int:
+    """A list command's output: the items as JSON with --json, else a table (one `row(item)`
+    per item), or `empty` as a note when there are none."""
+    if as_json:
+        dump_json(items)
+    elif not items:
+        note(empty)
+    else:
+        table(columns, [row(i) for i in items])
+    return 0
+
+
 def last_line(text) -> str:
     """The last non-empty line: a job's error ends with the exception's message."""
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
@@ -459,16 +471,11 @@ def cmd_adapters(args) -> int:
     with Client() as c:
         items = list(c.paginate(f"{API}/adapters/", base_model=args.base, q=args.q, tag=args.tag, owner=args.owner,
                                 kind=args.kind))
-    if args.json:
-        dump_json(items)
-        return 0
-    if not items:
-        note("No adapters match.")
-        return 0
-    table(["adapter", "base", "r", "size", "tags", "refs", "downloads", "updated"],
-          [[a["id"], a.get("base_model"), a.get("r"), human_size(a.get("size")), ",".join(a.get("tags") or []),
-            ",".join(sorted(a.get("refs") or {})), a.get("downloads"), short_time(a.get("updated_at"))] for a in items])
-    return 0
+    return listing(items, args.json, "No adapters match.",
+                   ["adapter", "base", "r", "size", "tags", "refs", "downloads", "updated"],
+                   lambda a: [a["id"], a.get("base_model"), a.get("r"), human_size(a.get("size")),
+                              ",".join(a.get("tags") or []), ",".join(sorted(a.get("refs") or {})), a.get("downloads"),
+                              short_time(a.get("updated_at"))])
 
 
 def cmd_revisions(args) -> int:
@@ -591,16 +598,10 @@ def cmd_jobs(args) -> int:
         if args.watch:
             raise UserError("--watch needs a job id: hubctl jobs ID --watch")
         jobs = list(c.paginate(f"{API}/jobs/", status=args.status, op=args.op))
-    if args.json:
-        dump_json(jobs)
-        return 0
-    if not jobs:
-        note("No jobs.")
-        return 0
-    table(["id", "op", "status", "progress", "adapter", "message", "created"],
-          [[j["id"], j.get("op"), j.get("status"), f"{100 * float(j.get('progress') or 0):.0f}%", j.get("adapter") or "",
-            last_line(j.get("error") or j.get("message")), short_time(j.get("created_at"))] for j in jobs])
-    return 0
+    return listing(jobs, args.json, "No jobs.", ["id", "op", "status", "progress", "adapter", "message", "created"],
+                   lambda j: [j["id"], j.get("op"), j.get("status"), f"{100 * float(j.get('progress') or 0):.0f}%",
+                              j.get("adapter") or "", last_line(j.get("error") or j.get("message")),
+                              short_time(j.get("created_at"))])
 
 
 def submit(op: str, params: dict, wait: bool) -> int:

@@ -42,16 +42,10 @@ def cmd_list(args) -> int:
     cli = _cli()
     with Client() as c:
         hooks = list(c.paginate(f"{API}/webhooks/"))
-    if args.json:
-        cli.dump_json(hooks)
-        return 0
-    if not hooks:
-        cli.note("No webhooks. Add one with: hubctl webhook add URL")
-        return 0
-    cli.table(["id", "owner", "url", "events", "active", "created"],
-              [[h["id"], h["owner"], h["url"], ",".join(h["events"]), "yes" if h["active"] else "no",
-                cli.short_time(h["created_at"])] for h in hooks])
-    return 0
+    return cli.listing(hooks, args.json, "No webhooks. Add one with: hubctl webhook add URL",
+                       ["id", "owner", "url", "events", "active", "created"],
+                       lambda h: [h["id"], h["owner"], h["url"], ",".join(h["events"]), "yes" if h["active"] else "no",
+                                  cli.short_time(h["created_at"])])
 
 
 def cmd_rm(args) -> int:
@@ -85,16 +79,10 @@ def cmd_deliveries(args) -> int:
     cli = _cli()
     with Client() as c:
         rows = list(c.paginate(_path(args.id, "deliveries")))
-    if args.json:
-        cli.dump_json(rows)
-        return 0
-    if not rows:
-        cli.note("No deliveries yet.")
-        return 0
-    cli.table(["id", "event", "status", "attempts", "http", "error", "created"],
-              [[d["id"], d["event"], d["status"], d["attempts"], d.get("response_status") or "",
-                cli.last_line(d.get("error") or ""), cli.short_time(d["created_at"])] for d in rows])
-    return 0
+    return cli.listing(rows, args.json, "No deliveries yet.",
+                       ["id", "event", "status", "attempts", "http", "error", "created"],
+                       lambda d: [d["id"], d["event"], d["status"], d["attempts"], d.get("response_status") or "",
+                                  cli.last_line(d.get("error") or ""), cli.short_time(d["created_at"])])
 
 
 def add_parsers(sub, as_json) -> None:
