@@ -214,6 +214,11 @@ def _merge_params(params: dict) -> dict:
     if method not in COMPOSE_METHODS:
         raise bad(f"method must be one of {', '.join(COMPOSE_METHODS)}; got {method!r}.", "method")
     out["method"] = method
+    # Shared by every method, distill included.
+    if params.get("rank") is not None:
+        out["rank"] = number(params, "rank", None, 1, 4096, integer=True)
+    out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
+    out["name"] = repo_id(params, "name")
     if method == "distill":
         return _distill_params(params, out)
     for key in ("steps", "synthetic"):
@@ -228,10 +233,6 @@ def _merge_params(params: dict) -> dict:
         out["density"] = number(params, "density", None, 0.001, 1.0)
     elif method not in ("cat", "svd", "linear"):
         out["density"] = 0.5 if "magnitude" in method or "ties" in method else 0.7
-    if params.get("rank") is not None:
-        out["rank"] = number(params, "rank", None, 1, 4096, integer=True)
-    out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
-    out["name"] = repo_id(params, "name")
     if params.get("search_weights") not in (None, False, True):
         raise bad("search_weights must be true or false.", "search_weights")
     out["search_weights"] = bool(params.get("search_weights"))
@@ -247,13 +248,9 @@ def _distill_params(params: dict, out: dict) -> dict:
             raise bad(f"method distill learns from the seeds; it takes no {key}.", key)
     if params.get("search_weights"):
         raise bad("method distill learns from the seeds; it takes no search_weights.", "search_weights")
-    if params.get("rank") is not None:
-        out["rank"] = number(params, "rank", None, 1, 4096, integer=True)
     if params.get("steps") is not None:  # default: 1000 per adapter (adapters_ops.compose)
         out["steps"] = number(params, "steps", None, 1, 100_000, integer=True)
     out["synthetic"] = number(params, "synthetic", 1024, 1, 16_384, integer=True)
-    out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
-    out["name"] = repo_id(params, "name")
     return out
 
 

@@ -61,7 +61,7 @@ def test_student_shape_report_and_progress(pair, composed):
     assert any(m.startswith("skill 2/2") for _, m in seen) and any(m.startswith("distill") for _, m in seen)
 
 
-def test_deterministic_for_a_seed(pair, composed):
+def test_deterministic_for_a_seed(pair):
     cfg = compose.ComposeConfig(synthetic=32, steps=20, seed=5)
     one, _ = compose.distill_merge(pair["base"], pair["adapters"], pair["seeds"], cfg)
     two, _ = compose.distill_merge(pair["base"], pair["adapters"], pair["seeds"], cfg)
