@@ -340,8 +340,8 @@ class CompressedTensor:
         return torch.from_numpy(out).view(dtype).reshape(self.shape)
 
     def ternary_packed(self, name: str = "tensor") -> torch.Tensor:
-        """The 2-bit device form (see kernels.ternary): 4 entries per byte, 01 = +1, 11 = -1."""
-        from kernels.ternary import pack_codes
+        """The 2-bit device form (see adapter_kernels.ternary): 4 entries per byte, 01 = +1, 11 = -1."""
+        from adapter_kernels.ternary import pack_codes
 
         if self.magnitude_bits:
             raise AdapterError(f"{name} has {2 ** self.magnitude_bits} magnitudes, not a ternary tensor",
@@ -408,7 +408,7 @@ class CompressedAdapter:
         out = {}
         for name, t in self.tensors.items():
             if device.type == "cuda" and not t.magnitude_bits:
-                from kernels.ternary import ternary_add
+                from adapter_kernels.ternary import ternary_add
 
                 w = torch.zeros(t.shape, dtype=_DTYPES[t.dtype], device=device)
                 out[name] = ternary_add(w, t.ternary_packed(name).to(device), t.scale)

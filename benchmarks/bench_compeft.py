@@ -180,11 +180,11 @@ def worker(args) -> None:
 # the kernel on a GPU
 # ---------------------------------------------------------------------------------------------
 def bench_ternary_add_gpu(numel: int = 14336 * 4096, density: float = 0.1, dtype: str = "bfloat16") -> dict:
-    """Achieved GB/s of kernels.ternary.ternary_add (Triton) on CUDA: weight read+write plus the codes."""
+    """Achieved GB/s of adapter_kernels.ternary.ternary_add (Triton) on CUDA: weight read+write plus the codes."""
     import torch
     import triton.testing
 
-    from kernels.ternary import ternary_add_reference, ternary_add_triton, ternary_pack
+    from adapter_kernels.ternary import ternary_add_reference, ternary_add_triton, ternary_pack
 
     dt = getattr(torch, dtype)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -1,4 +1,4 @@
-"""Time the W4A16 matmul (kernels.int4) on a 4096 x 14336 weight (Llama-3-8B's up_proj).
+"""Time the W4A16 matmul (adapter_kernels.int4) on a 4096 x 14336 weight (Llama-3-8B's up_proj).
 
     python benchmarks/bench_int4.py                # GPU part when CUDA exists, the CPU reference always
     python benchmarks/bench_int4.py --group 128 --batches 1 16 64
@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels import int4  # noqa: E402
-from kernels.int4 import pack_int4, w4a16_matmul, w4a16_matmul_reference  # noqa: E402
+from adapter_kernels import int4  # noqa: E402
+from adapter_kernels.int4 import pack_int4, w4a16_matmul, w4a16_matmul_reference  # noqa: E402
 
 
 def make(n: int, k: int, group: int, device: str):

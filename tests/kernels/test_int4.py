@@ -1,8 +1,8 @@
-"""kernels.int4: the W4A16 reference against a plain dequantize-and-multiply, and the Triton
+"""adapter_kernels.int4: the W4A16 reference against a plain dequantize-and-multiply, and the Triton
 kernel against the reference.
 
 The Triton comparison runs in a subprocess with TRITON_INTERPRET=1 (the flag is read when a
-kernel is decorated, so it must be set before kernels.int4 is imported; this pytest process
+kernel is decorated, so it must be set before adapter_kernels.int4 is imported; this pytest process
 may already have imported it without the flag)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import int4
-from kernels.int4 import pack_int4, unpack_int4, w4a16_matmul, w4a16_matmul_reference
+from adapter_kernels import int4
+from adapter_kernels.int4 import pack_int4, unpack_int4, w4a16_matmul, w4a16_matmul_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -114,7 +114,7 @@ try:
     import triton  # noqa: F401
 except Exception as exc:
     print("SKIP triton does not import: %s: %s" % (type(exc).__name__, exc)); sys.exit(0)
-from kernels.int4 import pack_int4, w4a16_matmul_reference, w4a16_matmul_triton
+from adapter_kernels.int4 import pack_int4, w4a16_matmul_reference, w4a16_matmul_triton
 cases = json.loads(sys.argv[1])
 out = []
 for i, (m, n, k, g, dtype, bn, bk) in enumerate(cases):

@@ -1,7 +1,7 @@
-"""kernels.ternary: the 2-bit device form, the torch reference, and the Triton kernel against it.
+"""adapter_kernels.ternary: the 2-bit device form, the torch reference, and the Triton kernel against it.
 
 The Triton comparison runs in a subprocess with TRITON_INTERPRET=1 (the flag is read
-when a kernel is decorated, so it must be set before kernels.ternary is imported;
+when a kernel is decorated, so it must be set before adapter_kernels.ternary is imported;
 this pytest process may already have imported it without the flag).
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import ternary
-from kernels.ternary import (
+from adapter_kernels import ternary
+from adapter_kernels.ternary import (
     pack_codes,
     ternary_add,
     ternary_add_reference,
@@ -119,7 +119,7 @@ try:
     import triton  # noqa: F401
 except Exception as exc:
     print("SKIP triton does not import: %s: %s" % (type(exc).__name__, exc)); sys.exit(0)
-from kernels.ternary import ternary_add_reference, ternary_add_triton, ternary_pack
+from adapter_kernels.ternary import ternary_add_reference, ternary_add_triton, ternary_pack
 cases = json.loads(sys.argv[1])
 out = []
 for i, (shape, dtype, scale, block) in enumerate(cases):

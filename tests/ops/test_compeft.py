@@ -12,10 +12,10 @@ import torch
 from safetensors.numpy import load as st_load_bytes
 from safetensors.numpy import save as st_save_bytes
 
+from adapter_kernels.ternary import ternary_add_reference
 from adapters_ops import compeft
 from adapters_ops.adapter import Adapter
 from adapters_ops.errors import AdapterError, CorruptFile
-from kernels.ternary import ternary_add_reference
 
 LLAMA3_8B = [  # (module, in, out) of Llama-3-8B's linear layers
     ("self_attn.q_proj", 4096, 4096),

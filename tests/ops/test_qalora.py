@@ -95,7 +95,7 @@ def test_pack_layout_is_least_significant_first():
 
 
 def test_int4_layout_matches_the_kernel():
-    from kernels.int4 import pack_int4
+    from adapter_kernels.int4 import pack_int4
 
     codes = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(3))
     assert torch.equal(Q.pack_codes(codes, 4), pack_int4(codes))

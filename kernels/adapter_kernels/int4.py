@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from kernels._triton import FLOATS as _FLOATS
-from kernels._triton import HAS_TRITON, tl, triton
+from adapter_kernels._triton import FLOATS as _FLOATS
+from adapter_kernels._triton import HAS_TRITON, tl, triton
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

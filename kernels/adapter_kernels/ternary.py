@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from kernels._triton import FLOATS as _FLOATS
-from kernels._triton import HAS_TRITON, tl, triton
+from adapter_kernels._triton import FLOATS as _FLOATS
+from adapter_kernels._triton import HAS_TRITON, tl, triton
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
