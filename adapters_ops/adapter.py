@@ -143,3 +143,17 @@ class Adapter:
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
+
+
+AdapterLike = Adapter | str | os.PathLike
+"""What every library entry point takes: a loaded Adapter, or a PEFT adapter folder."""
+
+
+def as_adapter(adapter: AdapterLike) -> Adapter:
+    """The one rule for entry points: an Adapter is used as is, a path is loaded (and validated)."""
+    if isinstance(adapter, Adapter):
+        return adapter
+    if isinstance(adapter, str | os.PathLike):
+        return Adapter.load(adapter)
+    raise AdapterError(f"expected an Adapter or a PEFT adapter folder, got {type(adapter).__name__}",
+                       "invalid_adapter")

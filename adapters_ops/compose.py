@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from . import merge, translora
 from ._zoo_train import deterministic
-from .adapter import Adapter
+from .adapter import Adapter, as_adapter
 from .errors import AdapterError
 from .evaluate import read_examples
 
@@ -76,7 +76,7 @@ def distill_merge(base_dir: str | os.PathLike, adapters: Sequence[Adapter | str 
     name) and a JSON-able report: per skill the synthetic-data stages and the
     examples used, and the distillation's seed-selection history."""
     cfg = config or ComposeConfig()
-    adapters = [a if isinstance(a, Adapter) else Adapter.load(a) for a in adapters]
+    adapters = [as_adapter(a) for a in adapters]
     if not adapters:
         raise AdapterError("distill_merge needs at least one adapter", "invalid_weights")
     if len(seeds) != len(adapters):

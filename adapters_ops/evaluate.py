@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import _LORA_KEY, Adapter
+from .adapter import _LORA_KEY, Adapter, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
 
 PEFT_PREFIX = "base_model.model."
@@ -64,10 +64,6 @@ def read_examples(source: str | os.PathLike | Iterable[dict]) -> list[dict]:
     return items
 
 
-def _as_adapter(adapter: Adapter | str | os.PathLike) -> Adapter:
-    return adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
-
-
 # --- models ----------------------------------------------------------------------------
 
 
@@ -83,7 +79,7 @@ def load_tokenizer(base_dir: str | os.PathLike):
 
 def apply_adapter(model: torch.nn.Module, adapter: Adapter | str | os.PathLike, weight: float = 1.0) -> torch.nn.Module:
     """Add `weight * scaling * B @ A` of every LoRA pair to the matching Linear of `model`, in place."""
-    adapter = _as_adapter(adapter)
+    adapter = as_adapter(adapter)
     unknown = [k for k in adapter.tensors if not _LORA_KEY.match(k)]
     if unknown:
         raise AdapterError(f"cannot merge non-LoRA tensors such as {unknown[0]!r}", "unsupported_tensor")

@@ -41,7 +41,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .adapter import Adapter
+from .adapter import Adapter, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
 
 __all__ = [
@@ -359,7 +359,7 @@ def merge_with_report(
     device: str | torch.device | None = None,
 ) -> MergeResult:
     """``merge`` that also returns a MergeReport (ranks and captured energy per module)."""
-    adapters = [a if isinstance(a, Adapter) else Adapter.load(a) for a in adapters]
+    adapters = [as_adapter(a) for a in adapters]
     try:
         weights = [w.item() if isinstance(w, torch.Tensor) else w for w in weights]
     except TypeError:
@@ -670,7 +670,7 @@ def search_weights(
     their raw score and the history (one dict per call, in order). NaN scores
     count as failures. Deterministic for a fixed seed and a deterministic score.
     """
-    adapters = [a if isinstance(a, Adapter) else Adapter.load(a) for a in adapters]
+    adapters = [as_adapter(a) for a in adapters]
     n = len(adapters)
     if n == 0:
         raise AdapterError("search_weights needs at least one adapter", "invalid_weights")

@@ -67,7 +67,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import Adapter
+from .adapter import Adapter, as_adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
 from .evaluate import SELECTIONS, SeedSelection, seed_check
 from .evaluate import sft_batch as _sft_batch
@@ -951,10 +951,6 @@ def read_gguf_q4_1(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, tor
 # --- the worker's entry point ------------------------------------------------------------
 
 
-def _as_adapter(adapter) -> Adapter:
-    return adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
-
-
 @torch.inference_mode()
 def max_logit_difference(model_a, model_b, ids: torch.Tensor) -> float:
     return float((model_a(input_ids=ids).logits.float() - model_b(input_ids=ids).logits.float()).abs().max())
@@ -981,7 +977,7 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
     Returns a JSON-able report (errors, exactness check, sizes, timings)."""
     t0 = time.perf_counter()
     base_dir, out = Path(base_dir), Path(out_dir)
-    adapter = _as_adapter(adapter)
+    adapter = as_adapter(adapter)
     QuantSpec(bits, group_size)  # validate before any work
     if finetune_steps and examples is None:
         raise AdapterError("finetune_steps > 0 needs seed examples", "missing_examples")
@@ -1045,5 +1041,5 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
 def naive_merge_quantize(base_dir: str | os.PathLike, adapter: Adapter | str | os.PathLike, bits: int,
                          group_size: int) -> QuantizedModel:
     """The baseline QA-LoRA improves on: add the dense LoRA update, then quantize W + D."""
-    return quantize_base(base_dir, bits, group_size, adapter=to_dense_lora(_as_adapter(adapter)))
+    return quantize_base(base_dir, bits, group_size, adapter=to_dense_lora(as_adapter(adapter)))
 

@@ -50,7 +50,7 @@ from typing import Protocol
 import torch
 
 from ._zoo_train import deterministic  # fixed threads + deterministic kernels, restored after
-from .adapter import Adapter
+from .adapter import Adapter, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
 from .evaluate import (
     SELECTIONS,
@@ -1023,7 +1023,7 @@ def run(source_base_dir, adapter: Adapter | str | os.PathLike, target_base_dir, 
     and which stages were resumed from the checkpoint."""
     cfg = config or TransLoraConfig()
     source_base_dir, target_base_dir = _model_dir(source_base_dir), _model_dir(target_base_dir)
-    adapter = adapter if isinstance(adapter, Adapter) else Adapter.load(adapter)
+    adapter = as_adapter(adapter)
     adapter.validate()
     seeds = [{"prompt": s["prompt"], "completion": s["completion"]} for s in read_examples(seeds)]
     if len(seeds) < 2:
