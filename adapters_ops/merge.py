@@ -18,6 +18,18 @@ is exactly what the method's paper defines (see docs/merge.md):
 ``*_svd``           the same dense merge, re-factored to max input rank by default
 ==================  ==========================================================
 
+Output rank (``rank=``): an integer; ``"full"`` for the exact result (dense
+methods: rank ``min(out, in)``, the merged update itself stored as a factor);
+``"auto"`` for, per module, the smallest rank that keeps ``energy`` (default
+0.99) of the merged update's squared Frobenius norm, at most ``max_rank``; or
+None, the method's default (sum or max of the input ranks), which is exact for
+``cat``/``linear`` but **lossy** for the dense methods (their merged update
+has full rank: on the zoo's merges DARE keeps about 0.6-0.75 of the energy at
+the default rank, TIES about 0.85-0.9): ``merge_with_report`` and the merge
+job's metrics say how much.
+``dense_updates`` gives each module's merged update itself, ``dare_masks`` the
+DARE keep masks the ``dare_*`` methods draw.
+
 Dense methods build one module's updates at a time, so memory stays at a few
 ``out x in`` matrices whatever the adapter's size (on ``device``: a GPU when
 given one, the inputs and the result staying on the CPU), and re-factor the merged
@@ -35,7 +47,7 @@ import math
 import numbers
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -50,7 +62,11 @@ __all__ = [
     "MergeParams",
     "MergeReport",
     "MergeResult",
+    "ModuleMap",
     "WeightSearch",
+    "DEFAULT_ENERGY",
+    "dare_masks",
+    "dense_updates",
     "disjoint_mean",
     "drop",
     "elect_sign",
@@ -63,7 +79,9 @@ __all__ = [
 ]
 
 ModulesMode = Literal["strict", "union", "intersection"]
+Rank = int | Literal["auto", "full"] | None
 _PEFT_PREFIX = "base_model.model."
+DEFAULT_ENERGY = 0.99  # the fraction of each module's energy rank="auto" keeps unless told otherwise
 
 
 # --- dense primitives (pure functions over tensors, PEFT merge_utils style) ----------------
@@ -119,14 +137,20 @@ def drop(tensor: torch.Tensor, density: float, generator: torch.Generator) -> to
     """DARE: keep each entry with probability ``density`` and rescale by 1/density."""
     if density >= 1:
         return tensor
-    keep = torch.rand(tensor.shape, generator=generator, dtype=torch.float32, device=tensor.device) < density
-    return tensor * keep / density
+    return tensor * _keep_mask(tensor.shape, density, generator, tensor.device) / density
+
+
+def _keep_mask(shape, density: float, generator: torch.Generator, device) -> torch.Tensor:
+    # DARE's keep mask: one float32 uniform draw of the update's shape, kept where u < density.
+    # Every DARE path (drop, the dare_* methods, dare_masks) draws through here.
+    return torch.rand(shape, generator=generator, dtype=torch.float32, device=device) < density
 
 
 def _drop_unscaled_(x: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     # ``drop`` without the 1/density rescale, which callers apply once to the merged result.
+    # No draw at density 1 (dare_masks returns all-True masks there).
     if density < 1:
-        x.mul_(torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device) < density)
+        x.mul_(_keep_mask(x.shape, density, generator, x.device))
     return x
 
 
@@ -240,11 +264,15 @@ class MergeParams:
     method: str
     weights: tuple[float, ...]
     density: float | None = None
-    rank: int | None = None
+    rank: Rank = None
     seed: int = 0
     modules: ModulesMode = "strict"
     majority_sign: str = "total"
     device: str | None = None
+    # rank="auto" only: the fraction of each module's energy to keep (None: DEFAULT_ENERGY)
+    # and the largest rank accepted to get there (None: no cap but min(out, in)).
+    energy: float | None = None
+    max_rank: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -264,12 +292,20 @@ class MergeParams:
                 raise AdapterError(f"density must be in (0, 1], got {self.density!r}", "invalid_density")
         elif self.density is not None:
             raise AdapterError(f"method {self.method!r} does not use a density (got {self.density!r})", "invalid_density")
-        if self.rank is not None:
-            if self.method == "cat":
-                raise AdapterError("method 'cat' keeps every factor (rank = sum of ranks); use 'svd' to pick a rank",
-                                   "invalid_rank")
-            if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
-                raise AdapterError(f"rank must be a positive integer, got {self.rank!r}", "invalid_rank")
+        _check_rank(self.rank, self.method)
+        if self.rank == "auto":
+            energy = DEFAULT_ENERGY if self.energy is None else self.energy
+            if (isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not math.isfinite(energy)
+                    or not 0 < energy <= 1):
+                raise AdapterError(f"energy must be a fraction in (0, 1], got {self.energy!r}", "invalid_energy")
+            object.__setattr__(self, "energy", float(energy))
+            if self.max_rank is not None and not _positive_int(self.max_rank):
+                raise AdapterError(f"max_rank must be a positive integer, got {self.max_rank!r}", "invalid_rank")
+        else:
+            if self.energy is not None:
+                raise AdapterError(f"energy applies to rank='auto' only (rank is {self.rank!r})", "invalid_energy")
+            if self.max_rank is not None:
+                raise AdapterError(f"max_rank applies to rank='auto' only (rank is {self.rank!r})", "invalid_rank")
         if self.modules not in ("strict", "union", "intersection"):
             raise AdapterError(f"modules must be 'strict', 'union' or 'intersection', got {self.modules!r}",
                                "invalid_param")
@@ -282,17 +318,38 @@ class MergeParams:
             _work_device(self.device)  # raises on a name torch does not know or a device this machine lacks
 
 
+def _positive_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+
+def _check_rank(rank, method: str) -> None:
+    if rank is None or rank == "full":  # "full" is exact for every method, cat included
+        return
+    if isinstance(rank, str):
+        if rank != "auto":
+            raise AdapterError(f"rank must be a positive integer, 'auto' or 'full', got {rank!r}", "invalid_rank")
+    elif not _positive_int(rank):
+        raise AdapterError(f"rank must be a positive integer, 'auto' or 'full', got {rank!r}", "invalid_rank")
+    if method == "cat":
+        raise AdapterError("method 'cat' keeps every factor (rank = sum of ranks); use 'svd' to pick a rank",
+                           "invalid_rank")
+
+
 @dataclass
 class MergeReport:
     """What a merge kept: per module the output rank and the fraction of the
-    merged update's squared Frobenius norm the factors capture (1.0 = exact)."""
+    merged update's squared Frobenius norm the factors capture (1.0 = exact).
+    ``rank`` is what was asked (None: the method's default); ``energy_target``
+    and ``max_rank`` are rank="auto"'s settings (None otherwise)."""
 
     method: str
     weights: list[float]
     density: float | None
-    rank: int | None
+    rank: int | str | None
     seed: int
     modules: dict[str, dict] = field(default_factory=dict)
+    energy_target: float | None = None
+    max_rank: int | None = None
 
     @property
     def min_energy(self) -> float:
@@ -307,8 +364,8 @@ class MergeReport:
         """JSON-ready metrics (for a Revision's metrics)."""
         return {
             "method": self.method, "weights": self.weights, "density": self.density, "rank": self.rank,
-            "seed": self.seed, "mean_energy": self.mean_energy, "min_energy": self.min_energy,
-            "modules": self.modules,
+            "seed": self.seed, "energy_target": self.energy_target, "max_rank": self.max_rank,
+            "mean_energy": self.mean_energy, "min_energy": self.min_energy, "modules": self.modules,
         }
 
 
@@ -325,14 +382,28 @@ def merge(
     weights: Sequence[float],
     method: str = "cat",
     density: float | None = None,
-    rank: int | None = None,
+    rank: Rank = None,
     seed: int = 0,
     *,
+    energy: float | None = None,
+    max_rank: int | None = None,
     modules: ModulesMode = "strict",
     majority_sign: str = "total",
     device: str | torch.device | None = None,
 ) -> Adapter:
     """Merge ``adapters`` (Adapter objects or PEFT adapter directories) with ``weights``.
+
+    ``rank``: the output rank per module. An integer (clamped to what the
+    update can have); ``"full"``: the exact result, ``B @ A`` equal to the
+    method's merged update to float precision (for the dense methods rank
+    ``min(out, in)``); ``"auto"``: per module the smallest rank whose factors
+    keep ``energy`` (default ``DEFAULT_ENERGY`` = 0.99) of the merged update's
+    squared Frobenius norm, at most ``max_rank`` (None: no cap). None (the
+    default) is the method's default rank, the sum (or, for ``svd`` and the
+    ``*_svd`` names, the max) of the input ranks: exact for ``cat`` and
+    ``linear``, a truncation for the others, which for the dense methods
+    (ties, dare_*, magnitude_prune) can drop a large share of the update
+    (``merge_with_report`` says how much per module).
 
     ``modules`` says what to do when adapters target different modules:
     "strict" (default) refuses, "union" merges every module (an adapter
@@ -342,7 +413,7 @@ def merge(
     methods build and merge each module's updates; inputs and result stay on
     the CPU. Default: the CPU.
     """
-    return merge_with_report(adapters, weights, method, density, rank, seed,
+    return merge_with_report(adapters, weights, method, density, rank, seed, energy=energy, max_rank=max_rank,
                              modules=modules, majority_sign=majority_sign, device=device).adapter
 
 
@@ -351,36 +422,31 @@ def merge_with_report(
     weights: Sequence[float],
     method: str = "cat",
     density: float | None = None,
-    rank: int | None = None,
+    rank: Rank = None,
     seed: int = 0,
     *,
+    energy: float | None = None,
+    max_rank: int | None = None,
     modules: ModulesMode = "strict",
     majority_sign: str = "total",
     device: str | torch.device | None = None,
 ) -> MergeResult:
     """``merge`` that also returns a MergeReport (ranks and captured energy per module)."""
-    adapters = [as_adapter(a) for a in adapters]
-    try:
-        weights = [w.item() if isinstance(w, torch.Tensor) else w for w in weights]
-    except TypeError:
-        raise AdapterError(f"weights must be a list of numbers, got {type(weights).__name__}", "invalid_weights") from None
-    if len(adapters) != len(weights):
-        raise AdapterError(f"{len(adapters)} adapters but {len(weights)} weights", "invalid_weights")
-    params = MergeParams(method=method, weights=tuple(weights), density=density, rank=rank, seed=seed,
-                         modules=modules, majority_sign=majority_sign,
-                         device=None if device is None else str(device))
+    adapters, params = _prepare(adapters, weights, method, density, rank, seed, energy=energy, max_rank=max_rank,
+                                modules=modules, majority_sign=majority_sign, device=device)
     spec = METHODS[params.method]
     module_names = _check_compatible(adapters, params.modules)
 
     out_dtype = _common_dtype(adapters)
     report = MergeReport(params.method, [float(w) for w in params.weights],
                          None if params.density is None else float(params.density),
-                         None if params.rank is None else int(params.rank), int(params.seed))
+                         params.rank if params.rank is None or isinstance(params.rank, str) else int(params.rank),
+                         int(params.seed), energy_target=params.energy,
+                         max_rank=None if params.max_rank is None else int(params.max_rank))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for module in module_names:
-        parts = [(float(w), a) for w, a in zip(params.weights, adapters, strict=True)
-                 if a.key(module, "A") in a.tensors]
+        parts = _parts(module, params, adapters)
         in_ranks = [a.rank(module) for _, a in parts]
         if spec.dense is None:
             b, a, energy, solver = _merge_factors(module, parts, params, spec)
@@ -396,13 +462,130 @@ def merge_with_report(
     return MergeResult(merged, report)
 
 
+class ModuleMap(Mapping):
+    """A read-only mapping module name -> value that computes each value when it
+    is read and keeps none: iterating over ``.items()`` holds one module's
+    tensors at a time, ``dict(m)`` materialises them all."""
+
+    def __init__(self, modules: Sequence[str], compute: Callable[[str], object]):
+        self._modules = list(modules)
+        self._known = set(self._modules)
+        self._compute = compute
+
+    def __getitem__(self, module: str):
+        if module not in self._known:
+            raise KeyError(module)
+        return self._compute(module)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __repr__(self) -> str:
+        return f"ModuleMap({len(self._modules)} modules)"
+
+
+def dense_updates(
+    adapters: Sequence[Adapter | str | os.PathLike],
+    weights: Sequence[float],
+    method: str = "linear",
+    density: float | None = None,
+    seed: int = 0,
+    *,
+    modules: ModulesMode = "strict",
+    majority_sign: str = "total",
+    device: str | torch.device | None = None,
+) -> Mapping[str, torch.Tensor]:
+    """Each module's merged update, dense: the ``out x in`` float32 matrix that
+    ``merge`` with the same arguments re-factors to a rank (``rank="full"``
+    stores it exactly). For ``cat``/``linear``/``svd`` it is ``sum tau_i``
+    (before ``svd``'s truncation); for a dense method, its result on the
+    weighted updates, with the same DARE masks as ``merge`` for the same seed
+    and device. Keys are the module names (PEFT's, without ``.lora_A.weight``);
+    each value is computed when read, on ``device`` (default the CPU), and not
+    kept (see ``ModuleMap``). Arguments are validated as ``merge``'s, eagerly."""
+    adapters, params = _prepare(adapters, weights, method, density, None, seed, modules=modules,
+                                majority_sign=majority_sign, device=device)
+    spec = METHODS[params.method]
+    names = _check_compatible(adapters, params.modules)
+    return ModuleMap(names, lambda m: _dense_merged(m, _parts(m, params, adapters), params, spec)[0])
+
+
+def dare_masks(
+    adapters: Sequence[Adapter | str | os.PathLike],
+    density: float,
+    seed: int = 0,
+    module: str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    modules: ModulesMode = "strict",
+) -> Mapping[str, list[torch.Tensor | None]]:
+    """The DARE keep masks of ``dare_linear``, ``dare_ties`` and their ``_svd``
+    variants, exactly as those methods draw them for this ``seed`` and
+    ``device``: per module, one boolean ``out x in`` mask per adapter, in
+    adapter order (None for an adapter without that module, with
+    ``modules="union"``). Entry (j, k) of adapter i's update is kept where the
+    mask is True, so a ``dare_linear`` merge is, per module,
+    ``sum_i mask_i * tau_i / density`` (tau_i = w_i * s_i * B_i @ A_i), and
+    ``dare_ties`` elects signs and takes the disjoint mean of
+    ``mask_i * tau_i``, divided by ``density``. Masks do not depend on the
+    weights, on the other modules or on their order; at ``density`` 1 they are
+    all True. ``module`` restricts the result to that one module. Values are
+    computed when read (see ``ModuleMap``)."""
+    adapters = [as_adapter(a) for a in adapters]
+    params = MergeParams(method="dare_linear", weights=(1.0,) * len(adapters), density=density, seed=seed,
+                         modules=modules, device=None if device is None else str(device))
+    names = _check_compatible(adapters, params.modules)
+    if module is not None:
+        if module not in names:
+            raise AdapterError(f"no module {module!r} in these adapters (e.g. {names[0]!r})", "unknown_module")
+        names = [module]
+    dev = _work_device(params.device)
+    rate = float(params.density)
+
+    def masks(m: str) -> list[torch.Tensor | None]:
+        gen = _module_generator(params.seed, m, device=dev)
+        out: list[torch.Tensor | None] = []
+        for a in adapters:
+            if a.key(m, "A") not in a.tensors:
+                out.append(None)
+                continue
+            shape = (a.tensors[a.key(m, "B")].shape[0], a.tensors[a.key(m, "A")].shape[1])
+            out.append(_keep_mask(shape, rate, gen, dev) if rate < 1
+                       else torch.ones(shape, dtype=torch.bool, device=dev))
+        return out
+
+    return ModuleMap(names, masks)
+
+
+def _prepare(adapters, weights, method, density, rank, seed, **kwargs) -> tuple[list[Adapter], MergeParams]:
+    adapters = [as_adapter(a) for a in adapters]
+    try:
+        weights = [w.item() if isinstance(w, torch.Tensor) else w for w in weights]
+    except TypeError:
+        raise AdapterError(f"weights must be a list of numbers, got {type(weights).__name__}", "invalid_weights") from None
+    if len(adapters) != len(weights):
+        raise AdapterError(f"{len(adapters)} adapters but {len(weights)} weights", "invalid_weights")
+    device = kwargs.pop("device", None)
+    params = MergeParams(method=method, weights=tuple(weights), density=density, rank=rank, seed=seed,
+                         device=None if device is None else str(device), **kwargs)
+    return adapters, params
+
+
+def _parts(module: str, params: MergeParams, adapters: list[Adapter]) -> list[tuple[float, Adapter]]:
+    # (weight, adapter) of the adapters that have this module, in adapter order.
+    return [(float(w), a) for w, a in zip(params.weights, adapters, strict=True) if a.key(module, "A") in a.tensors]
+
+
 def _scaled_b(adapter: Adapter, module: str, weight: float, dtype: torch.dtype) -> torch.Tensor:
     # Fold the adapter's weight and own scaling into B.
     return adapter.tensors[adapter.key(module, "B")].to(dtype) * (weight * adapter.scaling(module))
 
 
 def _merge_factors(module, parts, params: MergeParams, spec: MergeMethod):
-    exact = spec.name == "cat" or (spec.name == "linear" and params.rank is None)
+    exact = spec.name == "cat" or (spec.name == "linear" and params.rank in (None, "full"))
     # Concatenation only scales B: float32 is exact enough; the QR path uses
     # float64 because its factors are small and its core products cancel.
     dtype = torch.float32 if exact else torch.float64
@@ -416,13 +599,32 @@ def _merge_factors(module, parts, params: MergeParams, spec: MergeMethod):
     qb, rb = torch.linalg.qr(b_cat)
     qa, ra = torch.linalg.qr(a_cat.T)
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    default = max(a.rank(module) for _, a in parts) if spec.default_rank == "max" else b_cat.shape[1]
-    r = min(params.rank or default, s.numel())
+    if params.rank == "full":
+        r = s.numel()
+    elif params.rank == "auto":
+        r = _auto_rank(s.square(), float(s.square().sum()), params.energy, min(params.max_rank or s.numel(),
+                                                                                 s.numel()))
+    else:
+        default = max(a.rank(module) for _, a in parts) if spec.default_rank == "max" else b_cat.shape[1]
+        r = min(params.rank or default, s.numel())
     energy = _energy(s, r)
     return (qb @ u[:, :r]) * s[:r], vh[:r] @ qa.T, energy, "qr"
 
 
-def _merge_dense(module, parts, params: MergeParams, spec: MergeMethod, in_ranks):
+def _auto_rank(component_energy: torch.Tensor, total: float, target: float, cap: int) -> int:
+    """The smallest r <= cap whose first r components (squared singular values,
+    largest first) reach ``target * total``; ``cap`` when none does; at least 1."""
+    if total <= 0.0 or cap <= 1:
+        return 1
+    kept = component_energy[:cap].double().cumsum(0) / total
+    return max(1, min(cap, int(torch.searchsorted(kept, torch.tensor([target], dtype=kept.dtype,
+                                                                      device=kept.device))[0]) + 1))
+
+
+def _dense_merged(module, parts, params: MergeParams, spec: MergeMethod):
+    """(this module's merged update, out x in float32 on the work device; the
+    inputs' stacked A factors there). For a dense method, its result on the
+    weighted updates; for cat/linear/svd, their sum (before any truncation)."""
     # Only this module's updates are dense at any time: n x out x in floats,
     # written by the matmuls straight into the buffer the method then reuses.
     dev = _work_device(params.device)
@@ -431,17 +633,40 @@ def _merge_dense(module, parts, params: MergeParams, spec: MergeMethod, in_ranks
     # The thin factors go to the device; the dense updates are only ever built there.
     factors = [(_scaled_b(a, module, w, torch.float32).to(dev), a.tensors[a.key(module, "A")].to(dev, torch.float32))
                for w, a in parts]
+    row_hint = torch.cat([a for _, a in factors])
+    if spec.dense is None:
+        return torch.cat([b for b, _ in factors], dim=1) @ row_hint, row_hint
     updates = torch.empty(len(parts), out_dim, in_dim, device=dev)
     for i, (b, a) in enumerate(factors):
         torch.mm(b, a, out=updates[i])
     merged = spec.dense(updates, float(params.density), _module_generator(params.seed, module, device=dev),
                         params.majority_sign)
-    del updates
-    default = max(in_ranks) if spec.default_rank == "max" else sum(in_ranks)
+    return merged, row_hint
+
+
+def _merge_dense(module, parts, params: MergeParams, spec: MergeMethod, in_ranks):
+    merged, row_hint = _dense_merged(module, parts, params, spec)
+    m, n = merged.shape
+    if params.rank == "full":
+        # Exact: the merged update itself is one factor, an identity the other
+        # (rank min(out, in), no SVD, B @ A == merged bit for bit before the dtype cast).
+        eye = torch.eye(min(m, n), device=merged.device, dtype=merged.dtype)
+        return (merged, eye, 1.0, "exact") if n <= m else (eye, merged, 1.0, "exact")
     # The merged update's dominant rows lie close to the inputs' row spaces:
     # the stacked A factors start the truncated SVD's subspace iteration there.
-    row_hint = torch.cat([a for _, a in factors])
-    return low_rank(merged, params.rank or default, _module_generator(params.seed, module, "sketch", dev), row_hint)
+    sketch = _module_generator(params.seed, module, "sketch", merged.device)
+    if params.rank == "auto":
+        # The best rank-cap factors (a full SVD without a cap; the truncated one
+        # when the cap is small), then the fewest of their components that reach the target.
+        cap = min(params.max_rank or min(m, n), m, n)
+        found = low_rank(merged, cap, sketch, row_hint)
+        total = float(merged.double().square().sum())
+        parts_energy = found.b.double().square().sum(dim=0)  # a's rows are orthonormal: ||b a||^2 = ||b||^2
+        r = _auto_rank(parts_energy, total, params.energy, found.b.shape[1])
+        energy = 1.0 if total == 0.0 else min(float(parts_energy[:r].sum()) / total, 1.0)
+        return found.b[:, :r], found.a[:r], energy, found.solver
+    default = max(in_ranks) if spec.default_rank == "max" else sum(in_ranks)
+    return low_rank(merged, params.rank or default, sketch, row_hint)
 
 
 # --- re-factoring a dense update to rank r ----------------------------------------------------
@@ -657,7 +882,9 @@ def search_weights(
     bounds: tuple[float, float] = (-1.5, 1.5),
     init: Sequence[float] | None = None,
     density: float | None = None,
-    rank: int | None = None,
+    rank: Rank = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
     modules: ModulesMode = "strict",
     device: str | None = None,
 ) -> WeightSearch:
@@ -685,7 +912,7 @@ def search_weights(
         raise AdapterError(f"{n} adapters but {len(init)} initial weights", "invalid_weights")
     # Fail fast on bad method/density/rank/modules before spending the budget.
     MergeParams(method=method, weights=(1.0,) * n, density=density, rank=rank, seed=seed, modules=modules,
-                device=device)
+                device=device, energy=energy, max_rank=max_rank)
     _check_compatible(adapters, modules)
 
     rng = random.Random(seed)
@@ -696,8 +923,8 @@ def search_weights(
     history: list[dict] = []
 
     def evaluate(x):
-        merged = merge(adapters, x, method=method, density=density, rank=rank, seed=seed, modules=modules,
-                       device=device)
+        merged = merge(adapters, x, method=method, density=density, rank=rank, seed=seed, energy=energy,
+                       max_rank=max_rank, modules=modules, device=device)
         score = float(score_fn(merged))
         objective = score - l1 * sum(abs(v) for v in x) if math.isfinite(score) else -math.inf
         history.append({"weights": list(x), "score": score, "objective": objective})

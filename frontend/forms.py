@@ -160,7 +160,14 @@ class MergeForm(JobForm):
     density = forms.FloatField(label="Density", required=False, min_value=0.001, max_value=1.0,
                                widget=forms.NumberInput(attrs={"step": "any"}),
                                help_text="For ties, dare and magnitude_prune.")
-    rank = forms.IntegerField(label="Rank", required=False, min_value=1, help_text="Empty: the method's default.")
+    rank = forms.CharField(label="Rank", required=False, max_length=8,
+                           help_text="A number, 'full' (exact) or 'auto' (smallest rank keeping the energy below). "
+                                     "Empty: the method's default (lossy for the dense methods).")
+    energy = forms.FloatField(label="Energy", required=False, min_value=0.0001, max_value=1.0,
+                              widget=forms.NumberInput(attrs={"step": "any"}),
+                              help_text="With rank 'auto': the share of the merged update to keep (default 0.99).")
+    max_rank = forms.IntegerField(label="Max rank", required=False, min_value=1,
+                                  help_text="With rank 'auto': the largest rank you accept.")
     steps = forms.IntegerField(label="Steps", required=False, min_value=1,
                                help_text="For distill: training steps. Empty: 1000 per adapter.")
     seed = forms.IntegerField(label="Seed", required=False, min_value=0, initial=0)
@@ -176,6 +183,14 @@ class MergeForm(JobForm):
         if not names:
             raise forms.ValidationError("Name at least one other adapter.")
         return names
+
+    def clean_rank(self):
+        raw = self.cleaned_data["rank"].strip().lower()
+        if raw in ("", "auto", "full"):
+            return raw
+        if raw.isdigit() and int(raw) >= 1:
+            return int(raw)
+        raise forms.ValidationError("A positive whole number, 'auto' or 'full'.")
 
     def clean_weights(self):
         raw = [w.strip() for w in self.cleaned_data["weights"].split(",") if w.strip()]

@@ -202,8 +202,8 @@ COMPOSE_METHODS = MERGE_METHODS + ("distill",)
 
 
 def _merge_params(params: dict) -> dict:
-    only(params, {"adapters", "weights", "method", "density", "rank", "seed", "name", "search_weights", "budget",
-                  "steps", "synthetic"})
+    only(params, {"adapters", "weights", "method", "density", "rank", "energy", "max_rank", "seed", "name",
+                  "search_weights", "budget", "steps", "synthetic"})
     adapters = params.get("adapters")
     if not isinstance(adapters, list) or not 2 <= len(adapters) <= 16:
         raise bad("adapters must list 2 to 16 adapters as \"owner/name\".", "adapters")
@@ -214,12 +214,15 @@ def _merge_params(params: dict) -> dict:
     if method not in COMPOSE_METHODS:
         raise bad(f"method must be one of {', '.join(COMPOSE_METHODS)}; got {method!r}.", "method")
     out["method"] = method
-    # Shared by every method, distill included.
+    # Shared by every method, distill included (distill: an integer only).
     if params.get("rank") is not None:
-        out["rank"] = number(params, "rank", None, 1, 4096, integer=True)
+        out["rank"] = _merge_rank(params, method)
     out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
     out["name"] = repo_id(params, "name")
     if method == "distill":
+        for key in ("energy", "max_rank"):
+            if params.get(key) is not None:
+                raise bad(f"{key} goes with rank \"auto\" of a weight-space merge, not with method distill.", key)
         return _distill_params(params, out)
     for key in ("steps", "synthetic"):
         if params.get(key) is not None:
@@ -229,6 +232,7 @@ def _merge_params(params: dict) -> dict:
         if not isinstance(weights, list) or len(weights) != len(adapters):
             raise bad(f"weights must list one number per adapter ({len(adapters)}).", "weights")
         out["weights"] = [number({"w": w}, "w", None, -10, 10) for w in weights]
+    _merge_rank_auto(params, out)
     if params.get("density") is not None:
         out["density"] = number(params, "density", None, 0.001, 1.0)
     elif method not in ("cat", "svd", "linear"):
@@ -240,6 +244,43 @@ def _merge_params(params: dict) -> dict:
         raise bad("Give weights or search_weights, not both.", "weights")
     out["budget"] = number(params, "budget", 12, 2, 200, integer=True)
     return out
+
+
+# The output rank of a weight-space merge (adapters_ops.merge): an integer,
+# "full" (the exact merged update) or "auto" (per module the smallest rank
+# keeping `energy` of it, default 0.99, at most `max_rank`).
+MERGE_RANK_MODES = ("auto", "full")
+DEFAULT_MERGE_ENERGY = 0.99  # = adapters_ops.merge.DEFAULT_ENERGY (a test keeps them equal)
+
+
+def _merge_rank(params: dict, method: str):
+    rank = params["rank"]
+    if isinstance(rank, str) and method != "distill":
+        if rank not in MERGE_RANK_MODES:
+            raise bad(f"rank must be a positive integer, \"auto\" or \"full\", got {rank!r}.", "rank")
+        if method == "cat" and rank == "auto":
+            raise bad("method cat keeps every factor; use svd (or linear) to choose a rank.", "rank")
+        return rank
+    if method == "cat":
+        raise bad("method cat keeps every factor (rank = sum of the input ranks); use svd (or linear) to choose "
+                  "a rank.", "rank")
+    return number(params, "rank", None, 1, 4096, integer=True)
+
+
+def _merge_rank_auto(params: dict, out: dict) -> None:
+    """energy and max_rank, which only rank "auto" takes."""
+    if out.get("rank") != "auto":
+        for key in ("energy", "max_rank"):
+            if params.get(key) is not None:
+                raise bad(f"{key} goes with rank \"auto\" (rank is {out.get('rank', 'the default')!r}).", key)
+        return
+    energy = params.get("energy", DEFAULT_MERGE_ENERGY)
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not math.isfinite(energy) \
+            or not 0 < energy <= 1:
+        raise bad(f"energy must be a fraction in (0, 1], got {energy!r}.", "energy")
+    out["energy"] = float(energy)
+    if params.get("max_rank") is not None:
+        out["max_rank"] = number(params, "max_rank", None, 1, 4096, integer=True)
 
 
 def _distill_params(params: dict, out: dict) -> dict:

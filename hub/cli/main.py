@@ -631,9 +631,25 @@ def cmd_merge(args) -> int:
     weights = csv_floats(args.weights, "--weights") if args.weights else None
     if weights is not None and len(weights) != len(args.adapters):
         raise UserError(f"--weights has {len(weights)} numbers for {len(args.adapters)} adapters.")
+    if (args.energy is not None or args.max_rank is not None) and args.rank != "auto":
+        raise UserError("--energy and --max-rank go with --rank auto.")
     return submit("merge", {"adapters": args.adapters, "weights": weights, "method": args.method,
-                            "density": args.density, "rank": args.rank, "seed": args.seed, "name": args.name,
+                            "density": args.density, "rank": args.rank, "energy": args.energy,
+                            "max_rank": args.max_rank, "seed": args.seed, "name": args.name,
                             "steps": args.steps, "synthetic": args.synthetic}, args.wait)
+
+
+def merge_rank(text: str) -> int | str:
+    """--rank: a positive integer, auto or full."""
+    if text in ("auto", "full"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, auto or full, got {text!r}")
+    return value
 
 
 def cmd_quantize(args) -> int:
@@ -856,7 +872,14 @@ def build_parser() -> Parser:
                         "one adapter taught by every input from its seed examples")
     s.add_argument("--weights", help="comma-separated, one per adapter")
     s.add_argument("--density", type=float)
-    s.add_argument("--rank", type=int)
+    s.add_argument("--rank", type=merge_rank, metavar="R|auto|full",
+                   help="output rank: an integer; full: the exact merged update (rank min(out, in) for ties, dare_*, "
+                        "magnitude_prune); auto: per module the smallest rank keeping --energy of it. Default: the "
+                        "sum of the input ranks (max for svd and *_svd), exact for cat/linear but lossy for the "
+                        "dense methods (the revision's min/mean_captured_energy say how much)")
+    s.add_argument("--energy", type=float, help="with --rank auto: fraction of each module's energy to keep, "
+                                                "in (0, 1] (server default 0.99)")
+    s.add_argument("--max-rank", type=int, help="with --rank auto: the largest rank accepted (default: no cap)")
     s.add_argument("--seed", type=int)
     s.add_argument("--steps", type=int, help="distill: training steps (default 1000 per adapter)")
     s.add_argument("--synthetic", type=int, help="distill: synthetic task inputs per adapter (default 1024)")

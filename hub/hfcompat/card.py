@@ -115,6 +115,27 @@ def render_card(data: dict, *, title: str, description: str, facts: list[tuple[s
     return "\n".join(lines)
 
 
+def metric_facts(kind: str, metrics: dict | None) -> list[tuple[str, str]]:
+    """Facts-table rows a revision's metrics add to its card: for a merge, the
+    rank asked for and how much of the merged update the stored factors keep
+    (min and mean over modules of the captured squared-Frobenius energy;
+    1.0 = exact), so a lossy merge says so on its card."""
+    m = metrics or {}
+    if kind != "merge" or "min_captured_energy" not in m:
+        return []
+    rows = [("merge method", f"`{m['method']}`")] if m.get("method") else []
+    if m.get("requested_rank") is not None:
+        asked = m["requested_rank"]
+        if m.get("energy_target") is not None:
+            asked = f"{asked} (energy >= {m['energy_target']}" + (
+                f", max rank {m['max_rank']})" if m.get("max_rank") is not None else ")")
+        rows.append(("requested rank", str(asked)))
+    rows.append(("captured energy (min / mean over modules)",
+                 f"{float(m['min_captured_energy']):.4f} / {float(m.get('mean_captured_energy', 0.0)):.4f}"
+                 + ("" if float(m["min_captured_energy"]) >= 0.9999 else " (lossy: the factors truncate the merge)")))
+    return rows
+
+
 def usage_snippet(repo_id: str, base: str, revision: str | None = None) -> str:
     rev = f', revision="{revision}"' if revision else ""
     return (

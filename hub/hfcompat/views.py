@@ -265,6 +265,7 @@ def adapter_card(adapter: Adapter, revision: Revision) -> tuple[dict, bytes]:
         ("dtype", revision.dtype or "-"),
         ("size", f"{revision.size} bytes"),
     ]
+    facts += card.metric_facts(revision.kind, revision.metrics)  # e.g. a merge's kept energy
     text = card.render_card(
         data, title=adapter.repo_id, description=adapter.description, facts=facts,
         usage=card.usage_snippet(adapter.repo_id, slug),

@@ -313,3 +313,26 @@ def test_webhooks_page_creates_shows_the_secret_once_and_acts_only_on_own_hooks(
     assert Webhook.objects.get().active is False and "disabled" in c.get("/webhooks/").content.decode()
     c.post(f"/webhooks/{hook.pk}/delete")
     assert not Webhook.objects.exists()
+
+
+def test_merge_form_takes_full_and_auto_ranks(world, web, user):
+    from hub.registry.models import Job
+
+    c = web(user)
+    panel = c.get("/adapters/alice/public-child/").content.decode().split('id="op-merge"', 1)[1]
+    assert 'name="merge-energy"' in panel and 'name="merge-max_rank"' in panel
+    base = {"op": "merge", "merge-others": "alice/zebra-secret", "merge-method": "ties", "merge-density": "0.5",
+            "merge-name": "alice/both"}
+    r = c.post("/adapters/alice/public-child/jobs", {**base, "merge-rank": "full"}, HTTP_HX_REQUEST="true")
+    assert r.status_code == 200, r.content.decode()[:2000]
+    assert Job.objects.get().params["rank"] == "full"
+    r = c.post("/adapters/alice/public-child/jobs", {**base, "merge-rank": "auto", "merge-energy": "0.95",
+                                                     "merge-max_rank": "16", "merge-name": "alice/both2"},
+               HTTP_HX_REQUEST="true")
+    assert r.status_code == 200, r.content.decode()[:2000]
+    params = Job.objects.latest("created_at").params
+    assert (params["rank"], params["energy"], params["max_rank"]) == ("auto", 0.95, 16)
+    bad = c.post("/adapters/alice/public-child/jobs", {**base, "merge-rank": "bogus", "merge-name": "alice/both3"},
+                 HTTP_HX_REQUEST="true")
+    assert bad.status_code == 422 and Job.objects.count() == 2
+    assert 'id="id_merge-rank-error"' in bad.content.decode() and "positive whole number" in bad.content.decode()

@@ -272,6 +272,17 @@ def test_generated_card_relation_by_kind(published, client, kind, relation):
     assert info["cardData"] == data and info["sha"] == rev.sha
 
 
+def test_generated_card_of_a_merge_states_the_kept_energy(published, client):
+    from hub.registry.services import revision_create
+
+    blobs = {rf.path: rf.blob for rf in published.files.select_related("blob")}
+    metrics = {"method": "ties", "requested_rank": None, "min_captured_energy": 0.61, "mean_captured_energy": 0.7}
+    revision_create(adapter=published.adapter, files=blobs, kind="merge", parents=[published], ref="merge",
+                    metrics=metrics)
+    _, body = card.parse_card(body_of(client.get("/alice/x/resolve/merge/README.md")).decode())
+    assert "captured energy" in body and "0.6100 / 0.7000" in body and "lossy" in body
+
+
 def test_generated_card_names_the_successor_adapter(published, client, user, staff_user, tiny_base, tiny_base_dir):
     from hub.registry.models import BaseModel
     from hub.registry.services import Adapter as A

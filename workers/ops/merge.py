@@ -57,7 +57,7 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
             return sum(s.values()) / len(s)
 
         found = merging.search_weights(loras, score, p["method"], budget=budget, seed=p["seed"],
-                                       density=p.get("density"), rank=p.get("rank"), device=ctx.device)
+                                       density=p.get("density"), device=ctx.device, **rank_kwargs(p))
         weights = [round(w, 4) for w in found.weights]
         metrics["weight_search"] = {"score": found.score, "evaluations": len(found.history)}
     if not distilled:
@@ -65,11 +65,10 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         ctx.progress(0.8, f"Merging {len(loras)} adapters ({p['method']})")
         # Dense methods build each module's updates on the worker's GPU when it has one.
         result = merging.merge_with_report(loras, weights, p["method"], density=p.get("density"),
-                                           rank=p.get("rank"), seed=p["seed"], device=ctx.device)
+                                           seed=p["seed"], device=ctx.device, **rank_kwargs(p))
         merged, report = result.adapter, result.report
         merged.config["base_model_name_or_path"] = base_model.slug
-        metrics.update(weights=list(weights), min_captured_energy=round(report.min_energy, 6),
-                       mean_captured_energy=round(report.mean_energy, 6))
+        metrics.update(weights=list(weights), **rank_metrics(report))
     if seeds:
         ctx.progress(0.9, "Scoring the merged adapter on each skill's seeds")
         metrics["seed_accuracy"] = skill_scores(merged)
@@ -90,6 +89,32 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
                "adapter_model.safetensors": out / "adapter_model.safetensors"},
         message=f"{p['method']} merge of {len(sources)} adapters",
     )
+
+
+def rank_kwargs(p: dict) -> dict:
+    """The library's rank arguments from the job's cleaned params: rank (an
+    integer, "auto" or "full"; absent: the method's default) and, with "auto",
+    energy and max_rank."""
+    out = {"rank": p.get("rank")}
+    if p.get("rank") == "auto":
+        out.update(energy=p.get("energy"), max_rank=p.get("max_rank"))
+    return out
+
+
+def rank_metrics(report) -> dict:
+    """What the merge kept, for the revision's metrics (shown in the UI and on
+    the model card): the rank asked for, the output ranks, and the captured
+    energy (fraction of each module's merged update the factors keep; 1.0 = exact)."""
+    ranks = [m["rank"] for m in report.modules.values()]
+    out = {"requested_rank": report.rank if report.rank is not None else "default",
+           "output_rank": min(ranks) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}",
+           "min_captured_energy": round(report.min_energy, 6),
+           "mean_captured_energy": round(report.mean_energy, 6)}
+    if report.energy_target is not None:
+        out["energy_target"] = report.energy_target
+        if report.max_rank is not None:
+            out["max_rank"] = report.max_rank
+    return out
 
 
 def _distill(ctx: runner.JobContext, base, slug: str, sources, loras, seeds) -> tuple:
