@@ -21,6 +21,10 @@ Full checkpoints (streamed, memory bounded by a chunk, never a checkpoint):
     extract_dense(finetuned_dir, base_dir, out_path)   the exact diff, one file
     extract(finetuned_dir, base_dir, rank)     the diff as a LoRA (randomized SVD)
     apply(diff, target_dir, out_dir, scale)    target + diff as a sharded checkpoint
+    apply_to_state_dict(state_dict, diff, scale) / apply_to_model(model, diff, scale)
+                                               the same in memory, in place
+
+Entry points that take an adapter take an Adapter or a PEFT adapter folder (as_adapter).
 
 Checkpoints are read with our own header parser and positioned reads into
 buffers we own, not with ``safe_open``: safe_open memory-maps the file, and
@@ -42,13 +46,13 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .adapter import _LORA_KEY, Adapter
+from .adapter import _LORA_KEY, Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
 from .evaluate import sft_batch as _sft_batch
 
@@ -57,6 +61,8 @@ __all__ = [
     "ExtractReport",
     "Mismatch",
     "apply",
+    "apply_to_model",
+    "apply_to_state_dict",
     "check_compatible",
     "extract",
     "extract_dense",
@@ -80,6 +86,7 @@ DEFAULT_SHARD_BYTES = 2 * 10**9  # HF counts "2GB" in powers of ten too
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # fp32 working set of one row chunk
 DEFAULT_HOLD_BYTES = 128 * 2**20  # extract() factors a diff matrix up to this size (fp32) in memory
 MAX_HEADER_BYTES = 100 * 2**20  # the cap safetensors itself enforces
+VOCAB_GROWTH_KEY = "vocab_growth"  # diff metadata: JSON {tensor: [base rows, fine-tune rows]}
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -171,13 +178,16 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _file_entries(path: Path) -> dict[str, _Entry]:
+def _file_entries(path: Path) -> tuple[dict[str, _Entry], dict]:
+    """The file's tensors, and its __metadata__ (str -> str, empty when absent)."""
     header, base = _read_header(path)
-    return {
+    entries = {
         name: _Entry(name, info["dtype"], tuple(int(d) for d in info["shape"]), path,
                      base + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
         for name, info in header.items() if name != "__metadata__"
     }
+    metadata = header.get("__metadata__")
+    return entries, metadata if isinstance(metadata, dict) else {}
 
 
 class _Checkpoint:
@@ -213,8 +223,11 @@ class _Checkpoint:
             raise AdapterError(f"{path} holds no .safetensors weights", "missing_checkpoint")
         self.path = path
         self.entries: dict[str, _Entry] = {}
+        self.metadata: dict = {}
         for f in files:
-            for name, entry in _file_entries(f).items():
+            entries, metadata = _file_entries(f)
+            self.metadata.update(metadata)
+            for name, entry in entries.items():
                 if name in self.entries:
                     raise CorruptFile(f"{name} is stored twice ({self.entries[name].path.name}, {f.name})",
                                       "duplicate_tensor")
@@ -432,14 +445,15 @@ def _first_mismatch(src: Mapping[str, dict], tgt: Mapping[str, dict],
 
 
 def check_compatible(source_manifest: Mapping[str, dict], target_manifest: Mapping[str, dict],
-                     adapter: Adapter | None = None) -> Compatibility:
+                     adapter: AdapterLike | None = None) -> Compatibility:
     """Whether a diff taken on `source` can be added to `target`: every tensor the
     adapter targets (every tensor of either base when no adapter is given) exists
     on both with the same shape. Dtypes may differ: diffs are cast. The first
     mismatch (in reading order: layers.2 before layers.10) is named with both shapes."""
     src = {k: v for k, v in source_manifest.items() if k != "__metadata__"}
     tgt = {k: v for k, v in target_manifest.items() if k != "__metadata__"}
-    names = _adapter_tensor_names(adapter) if adapter is not None else sorted(set(src) | set(tgt), key=_natural_key)
+    names = (_adapter_tensor_names(as_adapter(adapter)) if adapter is not None
+             else sorted(set(src) | set(tgt), key=_natural_key))
     checked, mm = _first_mismatch(src, tgt, names)
     if mm is None:
         return Compatibility(True, checked, None, f"{checked} tensors have the same shapes on both bases")
@@ -456,7 +470,7 @@ def check_compatible(source_manifest: Mapping[str, dict], target_manifest: Mappi
 
 
 def require_compatible(source_manifest: Mapping[str, dict], target_manifest: Mapping[str, dict],
-                       adapter: Adapter | None = None) -> Compatibility:
+                       adapter: AdapterLike | None = None) -> Compatibility:
     """check_compatible, raising IncompatibleAdapters (code shape_mismatch) when not."""
     result = check_compatible(source_manifest, target_manifest, adapter)
     if not result:
@@ -477,7 +491,7 @@ def _check_scale(scale: float) -> float:
     return scale
 
 
-def rebase(adapter: Adapter, target_slug: str, scale: float = 1.0) -> Adapter:
+def rebase(adapter: AdapterLike, target_slug: str, scale: float = 1.0) -> Adapter:
     """The same LoRA labelled for the target base: `base_model_name_or_path` set
     to `target_slug`, and `scale` (the paper's diff-vector coefficient) folded
     into every lora_B, so each module's update becomes scale * delta. The input
@@ -485,6 +499,7 @@ def rebase(adapter: Adapter, target_slug: str, scale: float = 1.0) -> Adapter:
     scale = _check_scale(scale)
     if not isinstance(target_slug, str) or not target_slug:
         raise AdapterError("target_slug must be a non-empty string", "invalid_parameter")
+    adapter = as_adapter(adapter)
     adapter.validate()
     tensors = {}
     for key, t in adapter.tensors.items():
@@ -528,7 +543,7 @@ def _require_fits(adapter: Adapter, manifest: Mapping[str, dict]) -> None:
                                        "shape_mismatch")
 
 
-def recycle_finetune(adapter: Adapter, target_base_dir: str | os.PathLike, examples, *, steps: int = 50,
+def recycle_finetune(adapter: AdapterLike, target_base_dir: str | os.PathLike, examples, *, steps: int = 50,
                      lr: float = 1e-3, batch_size: int = 8, seed: int = 0, weight_decay: float = 0.0,
                      target_slug: str | None = None, progress: Progress = None) -> Adapter:
     """Short fine-tune of a transferred LoRA on the target base ("recycling then
@@ -552,6 +567,7 @@ def recycle_finetune(adapter: Adapter, target_base_dir: str | os.PathLike, examp
     target_base_dir = Path(target_base_dir)
     if not (target_base_dir / "config.json").is_file():
         raise AdapterError(f"{target_base_dir} is not a model directory (no config.json)", "missing_base")
+    adapter = as_adapter(adapter)
     adapter.validate()
     _require_fits(adapter, manifest_of(target_base_dir))
 
@@ -588,13 +604,14 @@ def recycle_finetune(adapter: Adapter, target_base_dir: str | os.PathLike, examp
     return Adapter(config=config, tensors=tensors)
 
 
-def transfer(adapter: Adapter, source_base_dir: str | os.PathLike, target_base_dir: str | os.PathLike,
+def transfer(adapter: AdapterLike, source_base_dir: str | os.PathLike, target_base_dir: str | os.PathLike,
              target_slug: str, *, scale: float = 1.0, examples=None, steps: int = 0, lr: float = 1e-3,
              seed: int = 0, progress: Progress = None) -> tuple[Adapter, dict]:
     """What a transfer job runs: check that the bases line up for this adapter
     (IncompatibleAdapters with the first mismatch otherwise), rebase, and when
     `examples` and `steps` are given recycle-fine-tune on the target.
     Returns the new adapter and JSON-able params/metrics for the revision."""
+    adapter = as_adapter(adapter)
     _report(progress, 0.0, "checking base compatibility")
     compat = require_compatible(manifest_of(source_base_dir), manifest_of(target_base_dir), adapter)
     out = rebase(adapter, target_slug, scale)
@@ -613,17 +630,37 @@ def transfer(adapter: Adapter, source_base_dir: str | os.PathLike, target_base_d
 # --- full fine-tunes: dense diff ------------------------------------------------------------
 
 
-def _pair(finetuned_dir, base_dir) -> tuple[_Checkpoint, _Checkpoint]:
+# modules with one row per token: the tensors a fine-tune that adds tokens makes longer
+_VOCAB_MODULES = {"embed_tokens", "tok_embeddings", "wte", "word_embeddings", "shared", "lm_head", "embed_out",
+                  "output"}
+
+
+def _grows_vocab(name: str, old: Sequence[int], new: Sequence[int]) -> bool:
+    """A token embedding or output head that gained rows (added tokens), its other dims unchanged."""
+    module, _, leaf = name.rpartition(".")
+    return (leaf in ("weight", "bias") and module.rsplit(".", 1)[-1] in _VOCAB_MODULES
+            and len(old) == len(new) >= 1 and new[0] > old[0] and tuple(old[1:]) == tuple(new[1:]))
+
+
+def _pair(finetuned_dir, base_dir, *,
+          vocab_growth: bool) -> tuple[_Checkpoint, _Checkpoint, dict[str, list[int]]]:
+    """The two checkpoints, which must hold the same tensors with the same shapes;
+    with vocab_growth, embeddings and output heads may have more rows in the
+    fine-tune, returned as tensor name -> [base rows, fine-tune rows]."""
     ft, base = _Checkpoint(finetuned_dir), _Checkpoint(base_dir)
-    _, mm = _first_mismatch(base.manifest(), ft.manifest(), sorted(set(ft.entries) | set(base.entries),
-                                                                   key=_natural_key))
+    grown = {n: [base.entries[n].rows, e.rows] for n, e in ft.entries.items()
+             if n in base.entries and _grows_vocab(n, base.entries[n].shape, e.shape)}
+    names = (set(ft.entries) | set(base.entries)) - (set(grown) if vocab_growth else set())
+    _, mm = _first_mismatch(base.manifest(), ft.manifest(), sorted(names, key=_natural_key))
     if mm is not None:
         ft.close()
         base.close()
+        hint = " (the fine-tune added tokens: use extract_dense, which pads the base)" if mm.tensor in grown else ""
         raise IncompatibleAdapters(f"the fine-tune does not match its base: {mm.tensor} has shape "
                                    f"{mm.target_shape and list(mm.target_shape)} in the fine-tune and "
-                                   f"{mm.source_shape and list(mm.source_shape)} in the base", "shape_mismatch")
-    return ft, base
+                                   f"{mm.source_shape and list(mm.source_shape)} in the base{hint}",
+                                   "shape_mismatch")
+    return ft, base, grown if vocab_growth else {}
 
 
 def _diff_dtype(code: str, dtype) -> str:
@@ -642,11 +679,22 @@ def _sq_norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.reshape(-1))) ** 2 if t.numel() else 0.0
 
 
-def _diff_rows(ft: _Checkpoint, base: _Checkpoint, name: str, r0: int, r1: int) -> torch.Tensor:
-    """finetuned - base for rows r0:r1, in fp32 (fp64 for fp64 inputs)."""
-    work = torch.float64 if ft.entries[name].dtype == "F64" else torch.float32
-    d = ft.read(name, r0, r1).to(work)  # a fresh buffer unless already fp32; ours either way
-    d.sub_(base.read(name, r0, r1))  # mixed-dtype in-place: no fp32 copy of the base chunk
+def _work_dtype(*codes: str) -> torch.dtype:
+    """fp32, or fp64 when an input or the output is fp64: the difference of two
+    fp32 numbers often needs more than fp32's 24 bits, so an F64 diff is only
+    exact when the subtraction itself runs in fp64."""
+    return torch.float64 if "F64" in codes else torch.float32
+
+
+def _diff_rows(ft: _Checkpoint, base: _Checkpoint, name: str, r0: int, r1: int, work: torch.dtype) -> torch.Tensor:
+    """finetuned - base for rows r0:r1, computed in `work`. Rows past the base's
+    last (tokens the fine-tune added) subtract nothing: the base counts as zero-padded."""
+    d = ft.read(name, r0, r1).to(work)  # a fresh buffer unless already `work`; ours either way
+    stop = min(r1, base.entries[name].rows)
+    if d.ndim == 0:
+        d.sub_(base.read(name))
+    elif stop > r0:
+        d[: stop - r0].sub_(base.read(name, r0, stop))  # mixed-dtype in-place: no `work` copy of the base chunk
     return d
 
 
@@ -656,12 +704,17 @@ def extract_dense(finetuned_dir: str | os.PathLike, base_dir: str | os.PathLike,
     (same names and shapes), streamed row chunk by row chunk. dtype None stores
     fp32 (exact for bf16/fp16 checkpoints, so apply() reproduces such a
     fine-tune bit for bit; for fp32 ones base + diff is off by rounding only),
-    "native" the checkpoints' own dtype, or any float dtype ("F64" is exact for fp32).
+    "native" the checkpoints' own dtype, or any float dtype; the subtraction
+    runs in fp64 when the output is, so "F64" is exact for fp32 checkpoints too.
+    A fine-tune that added tokens (an embedding or output head with more rows,
+    nothing else changed in shape) is diffed against the base padded with zero
+    rows: the new rows of the diff are the fine-tune's own, and the file's
+    metadata records `vocab_growth` = {tensor: [base rows, fine-tune rows]}.
     Integer tensors must be equal and are left out. Returns a JSON-able report."""
     t0 = time.perf_counter()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    ft, base = _pair(finetuned_dir, base_dir)
+    ft, base, grown = _pair(finetuned_dir, base_dir, vocab_growth=True)
     with ft, base:
         names = ft.names()
         floats = [n for n in names if ft.entries[n].dtype in _MATH_DTYPES and base.entries[n].dtype in _MATH_DTYPES]
@@ -676,16 +729,21 @@ def extract_dense(finetuned_dir: str | os.PathLike, base_dir: str | os.PathLike,
 
         def produce(s: _Spec) -> Iterator[torch.Tensor]:
             nonlocal done, sq
-            for r0, r1 in _row_chunks(s.shape, chunk_bytes):
-                d = _diff_rows(ft, base, s.name, r0, r1)
+            work = _work_dtype(ft.entries[s.name].dtype, base.entries[s.name].dtype, s.dtype)
+            for r0, r1 in _row_chunks(s.shape, chunk_bytes, work.itemsize):
+                d = _diff_rows(ft, base, s.name, r0, r1, work)
                 sq += _sq_norm(d)
                 yield d.to(_DTYPES[s.dtype])
             done += ft.entries[s.name].nbytes + base.entries[s.name].nbytes
             _report(progress, done / total, f"diff {s.name}")
 
-        nbytes = _write_file(out_path, specs, produce, {"format": "pt", "kind": "finetune_diff"})
+        metadata = {"format": "pt", "kind": "finetune_diff"}
+        if grown:
+            metadata[VOCAB_GROWTH_KEY] = json.dumps(grown, sort_keys=True)
+        nbytes = _write_file(out_path, specs, produce, metadata)
     return {"path": str(out_path), "tensors": len(specs), "skipped": skipped, "bytes_written": nbytes,
-            "bytes_read": total if floats else 0, "diff_norm": math.sqrt(sq), "seconds": time.perf_counter() - t0}
+            "bytes_read": total if floats else 0, "diff_norm": math.sqrt(sq), "vocab_growth": grown,
+            "seconds": time.perf_counter() - t0}
 
 
 # --- full fine-tunes: low-rank diff ---------------------------------------------------------
@@ -740,9 +798,11 @@ class _DiffMatrix:
         self.ft, self.base, self.name = ft, base, name
         self.m, self.n = ft.entries[name].shape
         self.chunks = _row_chunks((self.m, self.n), chunk_bytes)
+        self.work = _work_dtype(ft.entries[name].dtype, base.entries[name].dtype)
         self.whole = None
         if self.m * self.n * 4 <= hold_bytes:
-            self.whole = torch.cat([_diff_rows(ft, base, name, r0, r1).float() for r0, r1 in self.chunks])
+            self.whole = torch.cat([_diff_rows(ft, base, name, r0, r1, self.work).float()
+                                    for r0, r1 in self.chunks])
         self.reads = 0
 
     def rows(self) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -751,7 +811,7 @@ class _DiffMatrix:
             return
         self.reads += 1
         for r0, r1 in self.chunks:
-            yield r0, r1, _diff_rows(self.ft, self.base, self.name, r0, r1).float()
+            yield r0, r1, _diff_rows(self.ft, self.base, self.name, r0, r1, self.work).float()
 
     def sq_norm(self) -> float:
         return sum(_sq_norm(d) for _, _, d in self.rows())
@@ -793,7 +853,7 @@ def extract(finetuned_dir: str | os.PathLike, base_dir: str | os.PathLike, rank:
     if embeddings not in ("dense", "skip"):
         raise AdapterError(f"embeddings must be 'dense' or 'skip', got {embeddings!r}", "invalid_parameter")
     t0 = time.perf_counter()
-    ft, base = _pair(finetuned_dir, base_dir)
+    ft, base, _ = _pair(finetuned_dir, base_dir, vocab_growth=False)
     with ft, base:
         names = ft.names()
         lowrank, dense, skipped = [], [], []
@@ -844,8 +904,9 @@ def extract(finetuned_dir: str | os.PathLike, base_dir: str | os.PathLike, rank:
 
         def produce(s: _Spec) -> Iterator[torch.Tensor]:
             nonlocal done, dense_total
-            for r0, r1 in _row_chunks(s.shape, chunk_bytes):
-                d = _diff_rows(ft, base, s.name, r0, r1)
+            work = _work_dtype(ft.entries[s.name].dtype, base.entries[s.name].dtype)
+            for r0, r1 in _row_chunks(s.shape, chunk_bytes, work.itemsize):
+                d = _diff_rows(ft, base, s.name, r0, r1, work)
                 dense_total += _sq_norm(d)
                 yield d.to(_DTYPES[s.dtype])
             done += ft.entries[s.name].nbytes + base.entries[s.name].nbytes
@@ -893,12 +954,16 @@ def extract(finetuned_dir: str | os.PathLike, base_dir: str | os.PathLike, rank:
 
 # --- apply a diff to a target -----------------------------------------------------------
 
+# what _DeltaSource checks a diff against: tensor name -> (shape, safetensors dtype code)
+_TargetShapes = Mapping[str, tuple[tuple[int, ...], str]]
+
 
 class _DeltaSource:
     """Per target tensor, the rows of the update to add: from a dense diff file,
-    from LoRA factors (scaling * B @ A), or both."""
+    from LoRA factors (scaling * B @ A), or both. Checked against the target on
+    construction; `grown` names the tensors the diff makes longer (added tokens)."""
 
-    def __init__(self, diff, extra, target: _Checkpoint):
+    def __init__(self, diff, extra, target: _TargetShapes):
         self.dense: list[_Checkpoint] = []
         self.dense_mem: dict[str, torch.Tensor] = {}
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
@@ -906,7 +971,7 @@ class _DeltaSource:
         if isinstance(diff, Adapter):
             adapter = diff
         elif isinstance(diff, str | os.PathLike) and Path(diff).is_dir():
-            adapter = Adapter.load(diff)
+            adapter = as_adapter(diff)
             if extra is None and (Path(diff) / EXTRA_NAME).is_file():
                 extra = Path(diff) / EXTRA_NAME
         elif isinstance(diff, str | os.PathLike) and Path(diff).is_file():
@@ -929,25 +994,51 @@ class _DeltaSource:
             for module, (a, b) in adapter.pairs():
                 name = module.removeprefix(PEFT_PREFIX) + ".weight"
                 self.lora[name] = (a.float(), b.float(), adapter.scaling(module), fifo)
-        self._check(target)
+        self.grown = self._check(target)
 
-    def _check(self, target: _Checkpoint) -> None:
+    def _recorded_base_rows(self) -> dict[str, int]:
+        """Row counts of the base a diff file grew the vocabulary of (extract_dense's metadata)."""
+        rows = {}
+        for ck in self.dense:
+            raw = ck.metadata.get(VOCAB_GROWTH_KEY)
+            if raw is None:
+                continue
+            try:
+                rows.update({n: int(counts[0]) for n, counts in json.loads(raw).items()})
+            except (TypeError, ValueError, AttributeError, IndexError, KeyError) as exc:
+                raise CorruptFile(f"{ck.path.name}: its {VOCAB_GROWTH_KEY} metadata is malformed",
+                                  "header_invalid") from exc
+        return rows
+
+    def _check(self, target: _TargetShapes) -> dict[str, list[int]]:
+        """Every tensor of the diff is a float tensor of the target with the same shape,
+        or an embedding / output head with fewer rows than the diff (tokens the
+        fine-tune added; the base rows a diff file records must be the target's).
+        Returns those: name -> [target rows, diff rows]."""
         shapes = {}
         for ck in self.dense:
             shapes.update({n: e.shape for n, e in ck.entries.items()})
         shapes.update({n: tuple(t.shape) for n, t in self.dense_mem.items()})
         for n, (a, b, _, fifo) in self.lora.items():
             shapes.setdefault(n, (a.shape[1], b.shape[0]) if fifo else (b.shape[0], a.shape[1]))
+        recorded = self._recorded_base_rows()
+        grown = {}
         for n in sorted(shapes, key=_natural_key):
-            got = target.entries.get(n)
-            if got is None or got.shape != tuple(shapes[n]):
-                mine = list(shapes[n])
-                theirs = None if got is None else list(got.shape)
-                raise IncompatibleAdapters(f"{n}: the diff has shape {mine}, the target "
-                                           f"{'has no such tensor' if got is None else f'has {theirs}'}: "
+            want, got = tuple(shapes[n]), target.get(n)
+            have = None if got is None else tuple(got[0])
+            if have is not None and _grows_vocab(n, have, want):
+                if recorded.get(n, have[0]) != have[0]:
+                    raise IncompatibleAdapters(f"{n}: the diff grew the vocabulary from {recorded[n]} to {want[0]} "
+                                               f"rows, the target has {have[0]}: the diff was taken on another base",
+                                               "shape_mismatch")
+                grown[n] = [have[0], want[0]]
+            elif have != want:
+                raise IncompatibleAdapters(f"{n}: the diff has shape {list(want)}, the target "
+                                           f"{'has no such tensor' if have is None else f'has {list(have)}'}: "
                                            f"{_TRANSLORA_HINT}.", "shape_mismatch")
-            if got.dtype not in _MATH_DTYPES:
-                raise IncompatibleAdapters(f"{n}: cannot add a diff to a {got.dtype} tensor", "unsupported_tensor")
+            if got[1] not in _MATH_DTYPES:
+                raise IncompatibleAdapters(f"{n}: cannot add a diff to a {got[1]} tensor", "unsupported_tensor")
+        return grown
 
     def touches(self, name: str) -> bool:
         return name in self.lora or name in self.dense_mem or any(name in ck.entries for ck in self.dense)
@@ -971,6 +1062,43 @@ class _DeltaSource:
             ck.close()
 
 
+def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return t[r0:r1] if t.ndim else t
+
+
+def _target_rows(read: Callable[[int, int], torch.Tensor], have: int, shape: Sequence[int], r0: int, r1: int,
+                 work: torch.dtype) -> torch.Tensor:
+    """Rows r0:r1 of a target tensor of `have` rows, in `work`; rows from `have` on
+    (tokens the diff adds) are zeros, so the result there is the diff's rows."""
+    if r1 <= have:
+        return read(r0, r1).to(work)
+    w = torch.zeros((r1 - r0, *shape[1:]), dtype=work)
+    if have > r0:
+        w[: have - r0] = read(r0, have)
+    return w
+
+
+def _add_update(w: torch.Tensor, src: _DeltaSource, name: str, r0: int, r1: int, scale: float) -> torch.Tensor:
+    """w + scale * (rows r0:r1 of the update), in place: the one formula of every apply."""
+    if scale == 1.0:
+        return src.rows(name, r0, r1, w)
+    return w.add_(src.rows(name, r0, r1, torch.zeros_like(w)), alpha=scale)
+
+
+def _raise_vocab_size(config_path: Path, rows: int) -> None:
+    """config.json's vocab_size up to the grown row count: transformers refuses
+    a checkpoint whose embedding is longer than the config says."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # no readable config: nothing to keep in step
+    if isinstance(config, dict) and isinstance(config.get("vocab_size"), int) and config["vocab_size"] < rows:
+        config["vocab_size"] = rows
+        tmp = config_path.with_name(config_path.name + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, config_path)
+
+
 _WEIGHT_FILES = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack)$|^model\.safetensors\.index\.json$|"
                            r"^pytorch_model\.bin\.index\.json$")
 
@@ -982,10 +1110,15 @@ def apply(diff, target_dir: str | os.PathLike, out_dir: str | os.PathLike, scale
     `diff` is a dense diff file (extract_dense), a folder written by extract()
     (adapter + diff_extra.safetensors), an Adapter (its `scaling * B @ A`; dense
     extras via `extra=` as a dict or a file) or a dict of dense tensors. Every
-    tensor keeps the target's dtype and shape; one row chunk at a time is read,
-    updated in fp32 and written, into model.safetensors or shards of at most
-    max_shard_bytes with model.safetensors.index.json. The target's other files
-    (config, tokenizer) are copied; no pickle is. Returns a JSON-able report."""
+    tensor keeps the target's dtype and shape, except an embedding or output
+    head the diff has more rows for (a fine-tune that added tokens): it grows to
+    the diff's rows, the new rows being the diff's (base padded with zeros +
+    diff), and config.json's vocab_size follows. One row chunk at a time is
+    read, updated in fp32 and written, into model.safetensors or shards of at
+    most max_shard_bytes with model.safetensors.index.json. The target's other
+    files (config, tokenizer) are copied; no pickle is. An fp64 diff is added in
+    fp64 and rounded once, so an F64 extract_dense gives an fp32 fine-tune back
+    bit for bit. Returns a JSON-able report."""
     scale = _check_scale(scale)
     t0 = time.perf_counter()
     target_dir, out = Path(target_dir), Path(out_dir)
@@ -996,8 +1129,9 @@ def apply(diff, target_dir: str | os.PathLike, out_dir: str | os.PathLike, scale
     if out.is_dir() and any(out.glob("*.safetensors")):
         raise AdapterError(f"{out} already holds weights; pick an empty folder", "out_dir_not_empty")
     with _Checkpoint(target_dir) as target:
-        src = _DeltaSource(diff, extra, target)
+        src = _DeltaSource(diff, extra, {n: (e.shape, e.dtype) for n, e in target.entries.items()})
         changed = [n for n in target.names() if src.touches(n)]
+        shapes = {n: (src.grown[n][1], *e.shape[1:]) if n in src.grown else e.shape for n, e in target.entries.items()}
 
         def produce(name: str) -> Iterator[torch.Tensor]:
             e = target.entries[name]
@@ -1006,16 +1140,12 @@ def apply(diff, target_dir: str | os.PathLike, out_dir: str | os.PathLike, scale
                     yield target.read(name, r0, r1)  # copied as is, bit for bit
                 return
             work = torch.float64 if e.dtype == "F64" else torch.float32
-            for r0, r1 in _row_chunks(e.shape, chunk_bytes):
-                w = target.read(name, r0, r1).to(work)
-                if scale == 1.0:
-                    src.rows(name, r0, r1, w)
-                else:
-                    w.add_(src.rows(name, r0, r1, torch.zeros_like(w)), alpha=scale)
-                yield w.to(_DTYPES[e.dtype])
+            for r0, r1 in _row_chunks(shapes[name], chunk_bytes):
+                w = _target_rows(lambda a, b: target.read(name, a, b), e.rows, shapes[name], r0, r1, work)
+                yield _add_update(w, src, name, r0, r1, scale).to(_DTYPES[e.dtype])
 
         try:
-            specs = [(n, target.entries[n].dtype, target.entries[n].shape) for n in target.names()]
+            specs = [(n, target.entries[n].dtype, shapes[n]) for n in target.names()]
             files = write_checkpoint(out, specs, produce, max_shard_bytes=max_shard_bytes, progress=progress,
                                      metadata={"format": "pt"})
         finally:
@@ -1026,9 +1156,85 @@ def apply(diff, target_dir: str | os.PathLike, out_dir: str | os.PathLike, scale
         if f.is_file() and not _WEIGHT_FILES.search(f.name) and not f.name.startswith("."):
             shutil.copy2(f, out / f.name)
             copied.append(f.name)
+    if src.grown and "config.json" in copied:
+        _raise_vocab_size(out / "config.json", max(rows for _, rows in src.grown.values()))
     return {"out_dir": str(out), "files": [f.name for f in files], "copied": copied, "tensors": len(specs),
-            "changed": len(changed), "scale": scale, "bytes_read": bytes_read,
+            "changed": len(changed), "scale": scale, "vocab_growth": src.grown, "bytes_read": bytes_read,
             "bytes_written": sum(f.stat().st_size for f in files), "seconds": time.perf_counter() - t0}
+
+
+def _update_tensor(t: torch.Tensor, src: _DeltaSource, name: str, scale: float, chunk_bytes: int) -> torch.Tensor:
+    """t + scale * update, row chunk by row chunk, computed on the CPU as apply() does:
+    in place, or into a new longer tensor when the diff grows t (added tokens)."""
+    shape = (src.grown[name][1], *t.shape[1:]) if name in src.grown else tuple(t.shape)
+    dest = t.new_empty(shape) if name in src.grown else t
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    have = t.shape[0] if t.ndim else 1
+    for r0, r1 in _row_chunks(shape, chunk_bytes):
+        w = _target_rows(lambda a, b: _rows_of(t, a, b).cpu(), have, shape, r0, r1, work)
+        _rows_of(dest, r0, r1).copy_(_add_update(w, src, name, r0, r1, scale))
+    return dest
+
+
+def _apply_in_memory(state: MutableMapping[str, torch.Tensor], diff, scale: float, extra, chunk_bytes: int, *,
+                     can_grow: bool) -> dict:
+    scale = _check_scale(scale)
+    t0 = time.perf_counter()
+    tensors = {n: t for n, t in state.items() if isinstance(t, torch.Tensor)}
+    src = _DeltaSource(diff, extra, {n: (tuple(t.shape), _CODES.get(t.dtype, str(t.dtype)))
+                                     for n, t in tensors.items()})
+    try:
+        if src.grown and not can_grow:
+            name, (have, rows) = next(iter(src.grown.items()))
+            raise IncompatibleAdapters(f"{name}: the diff has {rows} rows (tokens the fine-tune added), the model "
+                                       f"{have}, and a module cannot grow in place: apply it to model.state_dict() "
+                                       f"with apply_to_state_dict and load that into the model resized to {rows} "
+                                       "tokens", "shape_mismatch")
+        # Names that share storage (a tied embedding and output head) are one tensor:
+        # it is updated once, and a diff that names several of them must agree on it.
+        tied: dict[tuple, list[str]] = {}
+        for n, t in tensors.items():
+            key = (t.device, t.data_ptr(), tuple(t.shape), t.stride()) if t.numel() else (n,)
+            tied.setdefault(key, []).append(n)
+        groups = [(touched, names) for names in tied.values() if (touched := [n for n in names if src.touches(n)])]
+        for touched, _ in groups:
+            if len(touched) > 1:
+                first, *others = (_update_tensor(torch.zeros(tensors[n].shape), src, n, 1.0, chunk_bytes)
+                                  for n in touched)
+                if not all(torch.equal(first, o) for o in others):
+                    raise IncompatibleAdapters(f"{' and '.join(touched)} are one tied tensor here, and the diff "
+                                               "changes them differently", "unsupported_tensor")
+        with torch.no_grad():  # a module's parameters are leaves that require grad
+            for touched, names in groups:
+                updated = _update_tensor(tensors[touched[0]], src, touched[0], scale, chunk_bytes)
+                if touched[0] in src.grown:  # a new tensor: every name of the old one now holds it
+                    for n in names:
+                        state[n] = updated
+    finally:
+        src.close()
+    return {"tensors": len(tensors), "changed": sum(len(touched) for touched, _ in groups), "scale": scale,
+            "vocab_growth": src.grown, "seconds": time.perf_counter() - t0}
+
+
+def apply_to_state_dict(state_dict: MutableMapping[str, torch.Tensor], diff, scale: float = 1.0, *, extra=None,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
+    """apply() in memory: `state_dict[name] += scale * diff` in place, for a dict of
+    tensors (`model.state_dict()`, safetensors' `load_file`). `diff` and `extra` take
+    what apply() takes (a loaded diff dict among them), names and shapes are checked
+    the same way before anything changes, and the arithmetic is the same, so the
+    result equals apply()'s checkpoint bit for bit. Tensors on any device, updated
+    one row chunk at a time on the CPU. A tensor the diff grows (added tokens) is
+    replaced by a new, longer one; tied tensors (one storage under several names)
+    are updated once. Returns a JSON-able report."""
+    return _apply_in_memory(state_dict, diff, scale, extra, chunk_bytes, can_grow=True)
+
+
+def apply_to_model(model: torch.nn.Module, diff, scale: float = 1.0, *, extra=None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
+    """apply_to_state_dict on a module's parameters and buffers, in place, without
+    autograd. A module's tensors cannot grow, so a diff that adds tokens is refused
+    (IncompatibleAdapters, shape_mismatch) before anything changes."""
+    return _apply_in_memory(model.state_dict(keep_vars=True), diff, scale, extra, chunk_bytes, can_grow=False)
 
 
 # --- quality gate --------------------------------------------------------------------------
