@@ -26,11 +26,20 @@ What is new here, compared with the paper's code (which writes dense floats):
   table of the tensors, in a safetensors container with a sha256 checksum
   (format version 2; version 1 files are still read; see docs/compeft.md).
 
-Ties at the threshold are broken by position: entries are ordered by tensor
-name (sorted) and then row-major inside a tensor, and the first ones are kept,
-so the count is exactly ``k = floor(density * n + 1/2)``. Exact zeros are never
-kept (a kept zero would have no sign); if fewer than k entries are non-zero,
-all non-zero entries are kept.
+How many entries are kept (``keep``):
+
+* ``keep="exact"`` (the default): exactly ``k = floor(density * n + 1/2)``.
+  Ties at the threshold are broken by position: entries are ordered by tensor
+  name (sorted) and then row-major inside a tensor, and the first ones are kept.
+* ``keep="paper"``: the rule of the paper's code, for files bit-compatible with
+  it: t = the k-th largest magnitude with ``k = int(n * density) + 1`` (at most
+  n), and every entry with magnitude >= t is kept, ties included. In bf16,
+  where many magnitudes are equal, this keeps noticeably more than ``k``.
+
+Exact zeros are never kept (a kept zero would have no sign; the paper's code
+keeps them as 0 * scale, the same decoded value); if fewer than k entries are
+non-zero, all non-zero entries are kept. The rule is recorded in the file
+(``params.keep`` of a loaded file).
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load_bytes
 
-from .adapter import Adapter
+from .adapter import Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, CorruptFile
 
 FORMAT_NAME = "compeft"
@@ -60,6 +69,7 @@ READABLE_VERSIONS = ("1", "2")
 CODEC_RICE = "rice"
 SCOPES = ("global", "tensor")
 FACTORIZATIONS = ("as_is", "balanced")
+KEEP_RULES = ("exact", "paper")
 MAX_MAGNITUDE_BITS = 4
 BLOB_NAME = "compeft"  # the one payload tensor of a version 2 file
 FILE_NAME = "adapter_model.compeft.safetensors"
@@ -89,6 +99,7 @@ class CompressParams:
     replace_factor: float = 1.0
     magnitude_bits: int = 0
     factorization: str = "as_is"
+    keep: str = "exact"
 
     def __post_init__(self):
         def number(x):
@@ -117,10 +128,16 @@ class CompressParams:
             raise AdapterError(
                 f"factorization must be one of {FACTORIZATIONS}, got {self.factorization!r}", "invalid_factorization"
             )
+        if self.keep not in KEEP_RULES:
+            raise AdapterError(f"keep must be one of {KEEP_RULES}, got {self.keep!r}", "invalid_keep")
 
 
-def keep_count(density: float, n: int) -> int:
-    """k for n entries: density * n rounded half up (0.1 * 25 -> 3)."""
+def keep_count(density: float, n: int, keep: str = "exact") -> int:
+    """k for n entries. "exact": density * n rounded half up (0.1 * 25 -> 3), the number kept.
+    "paper": int(n * density) + 1 (0.1 * 25 -> 3, 0.1 * 30 -> 4), the rank of the threshold
+    magnitude (ties with it are kept too). Never more than n."""
+    if keep == "paper":
+        return min(n, int(n * density) + 1)
     return min(n, int(math.floor(density * n + 0.5)))
 
 
@@ -430,6 +447,7 @@ class CompressedAdapter:
                 "magnitude_bits": p.magnitude_bits,
                 "factorization": p.factorization,
                 "k": self.count,
+                **({"keep": p.keep} if p.keep != "exact" else {}),
                 "n": self.numel,
             },
         }
@@ -653,26 +671,31 @@ def _balanced(adapter: Adapter) -> Adapter:
 
 
 def compress(
-    adapter: Adapter,
+    adapter: AdapterLike,
     density: float = 0.1,
     alpha: float | None = None,
     scope: str = "global",
     replace_factor: float = 1.0,
     magnitude_bits: int = 0,
     factorization: str = "as_is",
+    keep: str = "exact",
 ) -> CompressedAdapter:
-    """Sparsify every tensor of `adapter` to `density` and ternarise it (see module docstring).
+    """Sparsify every tensor of `adapter` (an Adapter or a PEFT adapter folder) to `density`
+    and ternarise it (see module docstring).
 
     scope="global": one top-k threshold and one std over all tensors (the paper).
     scope="tensor": k and std per tensor. `alpha` fixes the scale instead of replace_factor * std.
     magnitude_bits=m: 2^m magnitudes per tensor instead of one. factorization="balanced":
     re-factor each LoRA pair through the SVD of its product first (a copy of the adapter).
+    keep="exact": exactly round(density * n) entries, ties broken by position; keep="paper":
+    every entry at least as large as the (int(density * n) + 1)-th largest, as the paper's code.
     Memory stays near one tensor plus the output: a statistics pass tensor by
     tensor, a refinement pass restricted to one histogram bin (skipped when all
     tensors are bf16: the high 16 bits are then the whole value), an encode pass.
     """
     params = CompressParams(density=density, alpha=alpha, scope=scope, replace_factor=replace_factor,
-                            magnitude_bits=magnitude_bits, factorization=factorization)
+                            magnitude_bits=magnitude_bits, factorization=factorization, keep=keep)
+    adapter = as_adapter(adapter)
     names = _float_tensors(adapter)
     if params.factorization == "balanced":
         adapter = _balanced(adapter)
@@ -704,10 +727,12 @@ def compress(
             total.sum += s.sum
             total.sumsq += s.sumsq
             total.hist += s.hist[: 1 << 15]
-        thr = _select(total.hist, keep_count(params.density, total.n), low_hist(total.hist, group))
+        thr = _select(total.hist, keep_count(params.density, total.n, params.keep), low_hist(total.hist, group))
         std = total.std
         scale = scale_of(std)
-        ties = None if thr.ties == thr.tie_total else thr.ties
+        # "paper" keeps every entry tied with the threshold; "exact" only the first thr.ties of them
+        ties = None if params.keep == "paper" or thr.ties == thr.tie_total else thr.ties
+        expected = thr.k + (thr.tie_total - thr.ties if params.keep == "paper" else 0)
         kept = 0
         for name in group:
             ct, used = _encode(name, adapter.tensors[name], bits_of(name), thr.bits, ties, scale,
@@ -716,8 +741,8 @@ def compress(
                 ties -= used
             kept += ct.count
             out[name] = ct
-        if kept != thr.k:  # an internal invariant, not bad input
-            raise AssertionError(f"kept {kept} entries, the selection said {thr.k}")
+        if kept != expected:  # an internal invariant, not bad input
+            raise AssertionError(f"kept {kept} entries, the selection said {expected}")
     return CompressedAdapter(config=json.loads(json.dumps(adapter.config)), tensors=out, params=params)
 
 
@@ -766,6 +791,7 @@ def _params_from(comp: dict) -> CompressParams:
         replace_factor=float(comp["replace_factor"]),
         magnitude_bits=int(comp.get("magnitude_bits", 0)),
         factorization=comp.get("factorization", "as_is"),
+        keep=comp.get("keep", "exact"),  # absent: "exact", the only rule before "keep" existed
     )
 
 
@@ -946,13 +972,14 @@ class ScaleChoice:
 
 
 def choose_scale(
-    adapter: Adapter,
+    adapter: AdapterLike,
     density: float,
     score_fn: Callable[[Adapter], float],
     candidates: Iterable[float] | None = None,
     scope: str = "global",
     magnitude_bits: int = 0,
     factorization: str = "as_is",
+    keep: str = "exact",
 ) -> ScaleChoice:
     """Pick replace_factor by `score_fn(decompressed_adapter) -> float` (higher is better).
 
@@ -963,15 +990,16 @@ def choose_scale(
     compressed once and only the scale changes per candidate. Ties go to the
     earliest candidate; NaN scores never win.
     """
+    adapter = as_adapter(adapter)
     if candidates is None:
         candidates = LEVEL_CANDIDATES if magnitude_bits else DEFAULT_CANDIDATES
     cands = [float(c) for c in candidates]
     if not cands:
         raise AdapterError("choose_scale needs at least one candidate", "invalid_candidates")
     for c in cands:
-        CompressParams(density=density, scope=scope, replace_factor=c)  # validates each
+        CompressParams(density=density, scope=scope, replace_factor=c, keep=keep)  # validates each
     base = compress(adapter, density=density, scope=scope, replace_factor=1.0, magnitude_bits=magnitude_bits,
-                    factorization=factorization)
+                    factorization=factorization, keep=keep)
     scores: dict[float, float] = {}
     best = None
     for c in cands:
