@@ -28,10 +28,15 @@ frozen quantized base (a short QA-LoRA training run on seed examples).
 
 The adapter is stored the PEFT way (adapter_config.json + safetensors, PEFT
 key names) with `"qalora_group_size": G` and `"qalora_pooling": "mean"` in
-its config. PEFT's own `use_qalora` (GPTQ layers only) multiplies the pooled
-input by in / G, a different scale: such adapters are read too (that factor
-applied), but ours keep `use_qalora` false. `to_dense_lora` gives the
-equivalent ordinary LoRA (A = A' repeated / G) that plain PEFT loads.
+its config (the qa-lora repository trains the same thing but writes a plain
+LoRA config: declare those two keys when importing one). PEFT's own
+`use_qalora` (GPTQ layers only) multiplies the pooled input by in / G, a
+different scale: such adapters are read too (that factor applied), but ours
+keep `use_qalora` false. `to_dense_lora` gives the equivalent ordinary LoRA
+(A = A' repeated / G) that plain PEFT loads. Where a base is at hand the
+shapes are checked against it (`check_base_shapes`): lora_A with in / G
+columns under a plain LoRA config, or a declared group size the shapes do not
+have, is an AdapterError (`qalora_undeclared`, `qalora_declaration_mismatch`).
 
 Storage (`QuantizedModel.save`): `quantized.safetensors` holding, for each
 quantized weight W, `W.qweight` (packed codes: 2/4/8 bits in uint8, least
@@ -59,7 +64,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +72,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapter import Adapter, as_adapter
+from . import qalora_declaration as declaration
+from .adapter import Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
 from .evaluate import SELECTIONS, SeedSelection, seed_check
 from .evaluate import sft_batch as _sft_batch
@@ -247,15 +253,31 @@ class QuantizedModel:
     def from_state_dict(cls, state: dict[str, torch.Tensor], config: dict, spec: QuantSpec,
                         targets: Sequence[str] = TARGETS, deltas: dict[str, torch.Tensor] | None = None,
                         ) -> QuantizedModel:
+        """Quantize the `targets` projections of an in-memory state dict (HF names, e.g.
+        ``model.layers.0.self_attn.q_proj.weight``); every other tensor is kept as is.
+
+        `config` is the model's HF config as a dict (``to_model`` builds the model from it).
+        `deltas` (weight name -> dense update of the same shape, e.g. ``dense_updates(adapter,
+        base_shapes=...)``) are added before quantizing: the naive merge-then-quantize baseline."""
+        deltas = dict(deltas or {})
         weights, others, errors = {}, {}, {}
         for name, t in state.items():
             if _is_target(name, targets):
-                w = t.float() + deltas[name] if deltas and name in deltas else t.float()
+                w = t.float()
+                if name in deltas:
+                    d = deltas.pop(name)
+                    if tuple(d.shape) != tuple(t.shape):
+                        raise IncompatibleAdapters(f"{name}: an update of shape {tuple(d.shape)} does not fit the "
+                                                   f"weight {tuple(t.shape)}", "shape_mismatch")
+                    w = w + d.float()
                 qw = quantize_weight(w, spec.bits, spec.group_size, spec.zero_point)
                 weights[name] = qw
                 errors[name] = _weight_error(w, qw.dequantize())
             else:
                 others[name] = t
+        if deltas:
+            raise IncompatibleAdapters(f"an update for {next(iter(deltas))!r}, which is not a quantized projection "
+                                       "of this state dict", "missing_module")
         if not weights:
             raise AdapterError(f"no weights named like {', '.join(targets)} to quantize", "nothing_to_quantize")
         return cls(config=config, spec=spec, weights=weights, others=others, errors=errors)
@@ -289,9 +311,20 @@ class QuantizedModel:
             model.tie_weights()
         return model.eval()
 
-    def merge(self, adapter: Adapter) -> QuantizedModel:
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """weight name -> shape of every tensor of the (dequantized) model."""
+        out = {k: tuple(t.shape) for k, t in self.others.items()}
+        out.update({k: tuple(qw.shape) for k, qw in self.weights.items()})
+        return out
+
+    def merge(self, adapter: AdapterLike) -> QuantizedModel:
         """Fold a QA-LoRA adapter into the zero points (codes and scales untouched)."""
-        g = qalora_group_size(adapter)
+        adapter = as_adapter(adapter)
+        for module, _ in adapter.pairs():
+            if _weight_name(module) not in self.weights:
+                raise IncompatibleAdapters(f"the quantized base has no quantized weight {_weight_name(module)!r}",
+                                           "missing_module")
+        g = check_base_shapes(adapter, self.shapes())
         if g is None:
             raise AdapterError("only QA-LoRA adapters merge exactly; convert a plain LoRA with to_qalora()",
                                "not_qalora")
@@ -397,24 +430,35 @@ def _base_weights(base_dir: Path) -> list[Path]:
     return files
 
 
+def weight_shapes(base_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """tensor name -> shape for every tensor of a base folder, read from the safetensors headers only."""
+    out = {}
+    for f in _base_weights(Path(base_dir)):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                out[name] = tuple(fh.get_slice(name).get_shape())
+    return out
+
+
 def quantize_base(base_dir: str | os.PathLike, bits: int = 4, group_size: int = 64, *, zero_point: str = "float",
-                  targets: Sequence[str] = TARGETS, adapter: Adapter | None = None,
+                  targets: Sequence[str] = TARGETS, adapter: AdapterLike | None = None,
                   progress: Progress = None) -> QuantizedModel:
     """Quantize a base's linear projections, read tensor by tensor. With `adapter`, quantize
-    W + its dense LoRA update instead (the naive merge-then-quantize baseline)."""
+    W + its dense LoRA update instead (the naive merge-then-quantize baseline); its shapes are
+    checked against the base first (`check_base_shapes`)."""
     spec = QuantSpec(bits, group_size, zero_point)
     base_dir = Path(base_dir)
     config = _read_config(base_dir)
-    deltas = dense_updates(adapter) if adapter is not None else {}
-    weights, others, errors = {}, {}, {}
     files = _base_weights(base_dir)
+    deltas = dense_updates(as_adapter(adapter), base_shapes=weight_shapes(base_dir)) if adapter is not None else {}
+    weights, others, errors = {}, {}, {}
     for fi, f in enumerate(files):
         with safe_open(str(f), framework="pt") as fh:
             keys = list(fh.keys())
             for ki, name in enumerate(keys):
                 t = fh.get_tensor(name)
                 if _is_target(name, targets):
-                    w = t.float() + deltas.pop(name) if name in deltas else t.float()
+                    w = t.float() + deltas.pop(name) if name in deltas else t.float()  # shapes checked above
                     qw = quantize_weight(w, spec.bits, spec.group_size, spec.zero_point)
                     weights[name] = qw
                     errors[name] = _weight_error(w, qw.dequantize())
@@ -472,18 +516,76 @@ def _weight_name(module: str) -> str:
     return module.removeprefix(PEFT_PREFIX) + ".weight"
 
 
-def qalora_group_size(adapter: Adapter) -> int | None:
-    """G for a QA-LoRA adapter, None for a plain LoRA.
+def qalora_group_size(adapter: AdapterLike, base_shapes: Mapping[str, Sequence[int]] | None = None) -> int | None:
+    """G for a QA-LoRA adapter, None for a plain LoRA, as its config declares it.
 
-    QA-LoRA: ours (`"qalora_pooling": "mean"`) or PEFT's GPTQ variant (`"use_qalora": true`).
-    Plain PEFT configs also carry `qalora_group_size` (a default), so that key alone decides nothing."""
-    cfg = adapter.config
-    if cfg.get("qalora_pooling") != "mean" and not cfg.get("use_qalora"):
-        return None
-    g = cfg.get("qalora_group_size")
-    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-        raise AdapterError(f"qalora_group_size must be a positive integer, got {g!r}", "invalid_config")
-    return g
+    QA-LoRA: ours and the qa-lora repository's (`"qalora_pooling": "mean"`: A' reads the group
+    means) or PEFT's GPTQ variant (`"use_qalora": true`: the means times in/G), with
+    `"qalora_group_size": G`. Plain PEFT configs also carry `qalora_group_size` (a default), so
+    that key alone decides nothing. With `base_shapes` the declaration is checked against the
+    shapes of lora_A (`check_base_shapes`)."""
+    adapter = as_adapter(adapter)
+    if base_shapes is not None:
+        return check_base_shapes(adapter, base_shapes)
+    return _declared_group(adapter)
+
+
+def _declared_group(adapter: Adapter) -> int | None:
+    try:
+        return declaration.declared_group(adapter.config)
+    except declaration.DeclarationError as exc:
+        raise AdapterError(exc.detail, exc.code) from None
+
+
+def check_base_shapes(adapter: AdapterLike, base_shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """Read every LoRA pair against its base weight and return the QA-LoRA group size (None: a LoRA).
+
+    `base_shapes`: weight name -> shape, HF names (``model.layers.0.self_attn.q_proj.weight``), e.g.
+    `weight_shapes(base_dir)` or `QuantizedModel.shapes()`. A LoRA's lora_A has in_features columns,
+    a QA-LoRA's in_features / G. The shapes are not allowed to decide alone: a lora_A with in/G
+    columns in every module is recognised as QA-LoRA-shaped, and unless the config declares that
+    group size (see `qalora_group_size`) it is an error naming both readings:
+
+    * ``qalora_undeclared``: QA-LoRA shapes, a plain LoRA config (the qa-lora repository writes
+      one; its group size lives in its code);
+    * ``qalora_declaration_mismatch``: the config declares a QA-LoRA whose group size the shapes
+      do not have (another G, or the in_features columns of a plain LoRA);
+    * ``shape_mismatch`` (IncompatibleAdapters): shapes that fit neither reading, or a lora_B whose
+      rows are not the base's outputs; ``missing_module``: no such base weight.
+    """
+    adapter = as_adapter(adapter)
+    declared = _declared_group(adapter)
+    swap = bool(adapter.config.get("fan_in_fan_out"))  # Conv1D bases store [in, out]; lora_A is still r x in
+    rows = []  # (module, in_features, columns of lora_A)
+    for module, (a, b) in adapter.pairs():
+        name = _weight_name(module)
+        label = module.removeprefix(PEFT_PREFIX)
+        shape = base_shapes.get(name)
+        if shape is None:
+            raise IncompatibleAdapters(f"the base has no weight {name!r}", "missing_module")
+        if len(shape) != 2:
+            raise IncompatibleAdapters(f"{label}: the base weight {tuple(shape)} is not a linear weight",
+                                       "shape_mismatch")
+        out_f, in_f = (shape[1], shape[0]) if swap else (shape[0], shape[1])
+        if b.shape[0] != out_f:
+            raise IncompatibleAdapters(f"lora_B of {label} has {b.shape[0]} rows but the base weight "
+                                       f"{tuple(shape)} has {out_f} outputs", "shape_mismatch")
+        rows.append((label, int(in_f), int(a.shape[1])))
+    implied = declaration.implied_group(rows)
+    want = declared or 1
+    if implied == want or not rows:
+        return declared
+    if implied is None:  # no one reading fits every module: name the first that misfits the config's
+        label, in_f, cols = next(r for r in rows if r[2] * want != r[1])
+        what = f"a QA-LoRA with group size {want}" if declared else "a LoRA"
+        need = str(in_f // want) if in_f % want == 0 else f"an in_features divisible by {want}"
+        raise IncompatibleAdapters(f"lora_A of {label} has {cols} columns but over in_features {in_f} {what} "
+                                   f"needs {need}", "shape_mismatch")
+    try:
+        declaration.check_reading(rows, declared)
+    except declaration.DeclarationError as exc:
+        raise AdapterError(exc.detail, exc.code) from None
+    return declared
 
 
 def _pool_factor(adapter: Adapter, module: str) -> float:
@@ -494,8 +596,9 @@ def _pool_factor(adapter: Adapter, module: str) -> float:
     return float(adapter.tensors[adapter.key(module, "A")].shape[1])
 
 
-def qalora_group_update(adapter: Adapter, module: str) -> torch.Tensor:
+def qalora_group_update(adapter: AdapterLike, module: str) -> torch.Tensor:
     """c = scaling * k * B @ A' / G (k: `_pool_factor`): the value added to every weight of each (row, group)."""
+    adapter = as_adapter(adapter)
     g = qalora_group_size(adapter)
     if g is None:
         raise AdapterError("not a QA-LoRA adapter (no qalora_pooling / use_qalora in its config)", "not_qalora")
@@ -504,9 +607,15 @@ def qalora_group_update(adapter: Adapter, module: str) -> torch.Tensor:
     return (b @ a * (adapter.scaling(module) * _pool_factor(adapter, module) / g)).float()
 
 
-def dense_updates(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """weight name -> the dense update (out x in) of a plain LoRA or a QA-LoRA."""
-    g = qalora_group_size(adapter)
+def dense_updates(adapter: AdapterLike, base_shapes: Mapping[str, Sequence[int]] | None = None,
+                  ) -> dict[str, torch.Tensor]:
+    """weight name -> the dense update (out x in) of a plain LoRA or a QA-LoRA.
+
+    Pass `base_shapes` (weight name -> shape): the LoRA's shapes are then checked against the base
+    (`check_base_shapes`), so a QA-LoRA with a plain LoRA config is refused instead of giving
+    out x in/G updates. Without them the config alone says which kind the adapter is."""
+    adapter = as_adapter(adapter)
+    g = qalora_group_size(adapter, base_shapes)
     if adapter.config.get("fan_in_fan_out"):
         raise AdapterError("fan_in_fan_out adapters are not supported here", "unsupported_adapter")
     out = {}
@@ -518,10 +627,12 @@ def dense_updates(adapter: Adapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_dense_lora(adapter: Adapter) -> Adapter:
+def to_dense_lora(adapter: AdapterLike, base_shapes: Mapping[str, Sequence[int]] | None = None) -> Adapter:
     """The ordinary LoRA with the same update (A = A' with each column repeated G times, / G):
-    plain PEFT, evaluate.load_model and apply_adapter read it."""
-    g = qalora_group_size(adapter)
+    plain PEFT, evaluate.load_model and apply_adapter read it. With `base_shapes` the adapter's
+    shapes are checked against the base first (see `dense_updates`)."""
+    adapter = as_adapter(adapter)
+    g = qalora_group_size(adapter, base_shapes)
     if g is None:
         return adapter
     tensors = dict(adapter.tensors)
@@ -532,11 +643,12 @@ def to_dense_lora(adapter: Adapter) -> Adapter:
     return Adapter(config=config, tensors=tensors)
 
 
-def to_qalora(adapter: Adapter, group_size: int) -> tuple[Adapter, dict]:
+def to_qalora(adapter: AdapterLike, group_size: int) -> tuple[Adapter, dict]:
     """Best group-constant (least-squares) QA-LoRA form of a plain LoRA: A' = sum of A's columns per group.
 
     Returns the adapter and a report: per-module and overall relative Frobenius error of the update.
     """
+    adapter = as_adapter(adapter)
     if qalora_group_size(adapter) is not None:
         raise AdapterError("the adapter is already in QA-LoRA form", "already_qalora")
     if group_size < 1:
@@ -587,18 +699,25 @@ class QALoRALinear(torch.nn.Module):
         return self.base(x) + (self.scaling * upd).to(x.dtype)
 
 
-def attach_qalora(model: torch.nn.Module, adapter: Adapter) -> dict[str, QALoRALinear]:
+def attach_qalora(model: torch.nn.Module, adapter: AdapterLike) -> dict[str, QALoRALinear]:
     """Wrap each target Linear of `model` in a QALoRALinear (in place); returns module -> wrapper."""
-    g = qalora_group_size(adapter)
+    adapter = as_adapter(adapter)
+    linears = {}
+    for module, _ in adapter.pairs():
+        name = module.removeprefix(PEFT_PREFIX)
+        try:
+            linears[module] = model.get_submodule(name)
+        except AttributeError as exc:
+            raise IncompatibleAdapters(f"the base has no module {name!r}", "missing_module") from exc
+        if not isinstance(linears[module], torch.nn.Linear):
+            raise IncompatibleAdapters(f"{name}: {linears[module]} is not a torch.nn.Linear", "shape_mismatch")
+    g = check_base_shapes(adapter, {_weight_name(m): (lin.out_features, lin.in_features) for m, lin in linears.items()})
     if g is None:
         raise AdapterError("not a QA-LoRA adapter (no qalora_pooling / use_qalora in its config)", "not_qalora")
     wrappers = {}
     for module, (a, b) in adapter.pairs():
         name = module.removeprefix(PEFT_PREFIX)
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError as exc:
-            raise IncompatibleAdapters(f"the base has no module {name!r}", "missing_module") from exc
+        lin = linears[module]
         if not isinstance(lin, torch.nn.Linear) or lin.in_features != a.shape[1] * g or lin.out_features != b.shape[0]:
             raise IncompatibleAdapters(f"{name}: A' {tuple(a.shape)} x group {g} and B {tuple(b.shape)} do not "
                                        f"fit {lin}", "shape_mismatch")
@@ -665,7 +784,7 @@ class RecoveryConfig:
             raise AdapterError(f"init must be 'converted' or 'fresh', got {self.init!r}", "invalid_parameter")
 
 
-def student_adapter(adapter: Adapter, group_size: int, *, init: str = "converted", rank: int | None = None,
+def student_adapter(adapter: AdapterLike, group_size: int, *, init: str = "converted", rank: int | None = None,
                     seed: int = 0) -> Adapter:
     """The QA-LoRA that `recover` starts from, on the modules of `adapter` (a plain LoRA or a QA-LoRA).
 
@@ -677,6 +796,7 @@ def student_adapter(adapter: Adapter, group_size: int, *, init: str = "converted
     does not change with the rank."""
     if init not in ("converted", "fresh"):
         raise AdapterError(f"init must be 'converted' or 'fresh', got {init!r}", "invalid_parameter")
+    adapter = as_adapter(adapter)
     if qalora_group_size(adapter) is None:
         start, _ = to_qalora(adapter, group_size)
     elif qalora_group_size(adapter) != group_size or adapter.config.get("qalora_pooling") != "mean":
@@ -708,7 +828,7 @@ def student_adapter(adapter: Adapter, group_size: int, *, init: str = "converted
     return Adapter(config=config, tensors=tensors)
 
 
-def synthetic_examples(base_dir: str | os.PathLike, adapter: Adapter, seeds: Iterable[dict], *, n: int = 1024,
+def synthetic_examples(base_dir: str | os.PathLike, adapter: AdapterLike, seeds: Iterable[dict], *, n: int = 1024,
                        generator: str = "auto", filter_inputs: bool = True, seed: int = 0,
                        progress: Progress = None) -> tuple[list[dict], dict]:
     """Task inputs written from the seeds and answered by the teacher, the fp base + the original
@@ -716,7 +836,7 @@ def synthetic_examples(base_dir: str | os.PathLike, adapter: Adapter, seeds: Ite
     and the stages' reports."""
     from . import translora
 
-    return translora.teacher_examples(base_dir, to_dense_lora(adapter), seeds, n=n, generator=generator,
+    return translora.teacher_examples(base_dir, to_dense_lora(adapter, weight_shapes(base_dir)), seeds, n=n, generator=generator,
                                       filter_inputs=filter_inputs, seed=seed, progress=progress)
 
 
@@ -738,7 +858,7 @@ def _distill_loss(model, teacher, batch, cfg: RecoveryConfig) -> torch.Tensor:
     return loss
 
 
-def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], *, steps: int | None = None,
+def recover(qmodel: QuantizedModel, adapter: AdapterLike, examples: Iterable[dict], *, steps: int | None = None,
             lr: float | None = None, batch_size: int | None = None, seed: int | None = None,
             teacher: torch.nn.Module | None = None, tokenizer=None, progress: Progress = None,
             config: RecoveryConfig | None = None, eval_examples: Iterable[dict] | None = None,
@@ -754,6 +874,7 @@ def recover(qmodel: QuantizedModel, adapter: Adapter, examples: Iterable[dict], 
     improvement. steps/lr/batch_size/seed override the config's. Deterministic for a given seed."""
     from .evaluate import load_tokenizer, read_examples
 
+    adapter = as_adapter(adapter)
     cfg = config or RecoveryConfig()
     overrides = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("seed", seed))
                  if v is not None}
@@ -956,7 +1077,7 @@ def max_logit_difference(model_a, model_b, ids: torch.Tensor) -> float:
     return float((model_a(input_ids=ids).logits.float() - model_b(input_ids=ids).logits.float()).abs().max())
 
 
-def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.PathLike, bits: int = 4,
+def quantize_merged(base_dir: str | os.PathLike, adapter: AdapterLike, bits: int = 4,
                     group_size: int = 64, out_dir: str | os.PathLike = "quantized", finetune_steps: int = 0,
                     examples: Iterable[dict] | str | os.PathLike | None = None, progress: Progress = None, *,
                     seed: int = 0, export_gguf: bool | None = None, recovery: RecoveryConfig | None = None,
@@ -979,6 +1100,8 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
     base_dir, out = Path(base_dir), Path(out_dir)
     adapter = as_adapter(adapter)
     QuantSpec(bits, group_size)  # validate before any work
+    shapes = weight_shapes(base_dir)
+    g = check_base_shapes(adapter, shapes)  # a QA-LoRA with a plain LoRA config stops here, not after quantizing
     if finetune_steps and examples is None:
         raise AdapterError("finetune_steps > 0 needs seed examples", "missing_examples")
     if not isinstance(synthetic, int) or isinstance(synthetic, bool) or synthetic < 0:
@@ -992,7 +1115,6 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
 
     qmodel = quantize_base(base_dir, bits, group_size, progress=stage(0.0, 0.15))
     report["base_quantization"] = dict(qmodel.summary(), per_layer=qmodel.errors)
-    g = qalora_group_size(adapter)
     if g is None:
         qa, conv = to_qalora(adapter, group_size)
         report["conversion_rel_error"] = conv["rel_error"]
@@ -1008,7 +1130,7 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
             syn, report["synthetic"] = synthetic_examples(base_dir, adapter, seeds, n=synthetic, seed=seed,
                                                           progress=stage(0.15, 0.3))
             data = syn + seeds
-        teacher = load_model(base_dir, to_dense_lora(adapter))
+        teacher = load_model(base_dir, to_dense_lora(adapter, shapes))
         student = student_adapter(adapter, g or group_size, init=cfg.init, rank=cfg.rank, seed=seed)
         qa, report["recovery"] = recover(qmodel, student, data, teacher=teacher, config=cfg, eval_examples=seeds,
                                          progress=stage(0.3, 0.8))
@@ -1038,8 +1160,8 @@ def quantize_merged(base_dir: str | os.PathLike, adapter: Adapter | str | os.Pat
     return report
 
 
-def naive_merge_quantize(base_dir: str | os.PathLike, adapter: Adapter | str | os.PathLike, bits: int,
+def naive_merge_quantize(base_dir: str | os.PathLike, adapter: AdapterLike, bits: int,
                          group_size: int) -> QuantizedModel:
     """The baseline QA-LoRA improves on: add the dense LoRA update, then quantize W + D."""
-    return quantize_base(base_dir, bits, group_size, adapter=to_dense_lora(as_adapter(adapter)))
+    return quantize_base(base_dir, bits, group_size, adapter=to_dense_lora(adapter, weight_shapes(base_dir)))
 

@@ -316,6 +316,7 @@ def cmd_push(args) -> int:
     seeds = Path(args.seeds).expanduser() if args.seeds else None
     if seeds is not None and not seeds.is_file():
         raise UserError(f"--seeds: {seeds} is not a file.")
+    declared_config = qalora_declared_config(folder / ADAPTER_CONFIG, args.qalora_group_size)
     data = {"name": f"{owner}/{name}", "base_model": slug(args.base), "visibility": "private" if args.private else "public",
             "tags": args.tags or "", "description": description}
     with Client() as c:
@@ -323,11 +324,13 @@ def cmd_push(args) -> int:
         if exists(c, adapter_path(args.name) + "/"):
             raise UserError(f"{owner}/{name} already exists on {c.url}. Push under a new name, or delete it first.")
         c.get(f"{API}/base-models/{args.base}/")  # unknown base: the server's message, before the upload
-        total = sum(p.stat().st_size for p in files) + (card.stat().st_size if args.card else 0)
+        total = sum(p.stat().st_size for p in files if not (declared_config and p.name == ADAPTER_CONFIG))
+        total += card.stat().st_size if args.card else 0
         total += seeds.stat().st_size if seeds else 0
         with ExitStack() as stack:
             bar = stack.enter_context(progress.TransferBar(total, f"push {owner}/{name}"))
-            parts = [("files", (p.name, stack.enter_context(progress.ProgressFile(p, bar)), "application/octet-stream"))
+            parts = [("files", (p.name, declared_config if declared_config and p.name == ADAPTER_CONFIG
+                                else stack.enter_context(progress.ProgressFile(p, bar)), "application/octet-stream"))
                      for p in files]
             if args.card:
                 parts.append(("files", ("README.md", stack.enter_context(progress.ProgressFile(card, bar)), "text/markdown")))
@@ -344,6 +347,26 @@ def cmd_push(args) -> int:
     out(f"Pushed {adapter['id']} on {adapter['base_model']}: revision {sha} (main), "
         f"r={adapter.get('r')}, {human_size(adapter.get('size'))}.")
     return 0
+
+
+def qalora_declared_config(config_path: Path, group_size: int | None) -> bytes | None:
+    """adapter_config.json declaring a QA-LoRA trained with the qa-lora repository: its config is a plain
+    LoRA's, and its lora_A has in/G columns pooled by a mean over each group (docs/qalora.md). None: as is."""
+    if group_size is None:
+        return None
+    if group_size < 1:
+        raise UserError(f"--qalora-group-size must be a positive whole number, not {group_size}.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_path} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a JSON object.")
+    if config.get("use_qalora") is True:
+        raise UserError(f"{config_path} already declares PEFT's QA-LoRA (use_qalora: true, "
+                        f"qalora_group_size {config.get('qalora_group_size')}); push it without --qalora-group-size.")
+    config.update(qalora_group_size=group_size, qalora_pooling="mean", use_qalora=False)
+    return json.dumps(config, indent=2).encode()
 
 
 def find_revision(c: Client, repo: str, rev: str) -> dict:
@@ -820,6 +843,9 @@ def build_parser() -> Parser:
     s.add_argument("--seeds", metavar="FILE", help="JSONL of {prompt, completion} seed examples")
     s.add_argument("--tags", help="comma-separated tags")
     s.add_argument("--card", metavar="README.md", help="model card (markdown); default: the folder's README.md")
+    s.add_argument("--qalora-group-size", type=int, metavar="G",
+                   help="the adapter is a QA-LoRA trained with the qa-lora repository (lora_A has in/G columns, "
+                        "group mean pooling): declare it in the uploaded adapter_config.json")
     s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("pull", help="download an adapter revision into a folder")

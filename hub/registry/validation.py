@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
+# Standard library only (no torch): the QA-LoRA declaration rule the library applies too.
+from adapters_ops import qalora_declaration
+
 # safetensors refuses headers above 100 MB; a header that size would also be
 # a memory-exhaustion attempt on the web process.
 MAX_HEADER_BYTES = 100_000_000
@@ -252,10 +255,22 @@ def validate_peft_config(data: bytes) -> dict:
             _check_pattern(key, f"{name} key")
             if not ok(value):
                 raise bad(f"{name}[{key!r}] must be one of {kind}, got {value!r}.")
-    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "use_qalora"):
         if flag in config and config[flag] is not None and not isinstance(config[flag], bool):
             raise bad(f"{flag} must be true or false, got {config[flag]!r}.")
+    if config.get("qalora_pooling") not in (None, "mean"):
+        raise bad(f"qalora_pooling must be \"mean\" or absent, got {config['qalora_pooling']!r}.")
+    qalora_group(config)  # a declared QA-LoRA needs a positive group size
     return config
+
+
+def qalora_group(config: dict) -> int | None:
+    """The QA-LoRA group size G the config declares, None for a plain LoRA (the rule and its
+    wording: adapters_ops.qalora_declaration, shared with the library)."""
+    try:
+        return qalora_declaration.declared_group(config)
+    except qalora_declaration.DeclarationError as exc:
+        raise _config_error(exc.detail + ".", exc.code) from None
 
 
 # --- LoRA shapes against the base -------------------------------------------------------
@@ -311,6 +326,7 @@ def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> Adapte
 
     r = config.get("r", 8)
     swap = bool(config.get("fan_in_fan_out"))  # GPT-2 style Conv1D stores [in, out]
+    group = _check_qalora_reading(pairs, embeds, config, base_manifest, swap)
     for module, found in sorted(pairs.items()):
         for have, miss in (("A", "B"), ("B", "A")):
             if have in found and miss not in found:
@@ -325,7 +341,8 @@ def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> Adapte
                 field=WEIGHTS_FIELD,
             )
         rank = pattern_value(config.get("rank_pattern"), module, r)
-        want = _expected_shapes(base["shape"], rank, embedding=module in embeds, swap=swap and module not in embeds)
+        want = _expected_shapes(base["shape"], rank, embedding=module in embeds, swap=swap and module not in embeds,
+                                group=group)
         for f in ("A", "B"):
             shape = found[f][1]
             if want is None or list(shape) != want[f]:
@@ -343,14 +360,43 @@ def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> Adapte
     )
 
 
-def _expected_shapes(base_shape: list, r: int, *, embedding: bool, swap: bool) -> dict | None:
-    """The shapes of A and B for a base weight, or None if it takes no LoRA."""
+def _check_qalora_reading(pairs: dict, embeds: set, config: dict, base_manifest: dict, swap: bool) -> int | None:
+    """Which LoRA the linear pairs' shapes show, against what the config declares; returns the
+    declared QA-LoRA group size (None: a plain LoRA).
+
+    A LoRA's lora_A has in_features columns, a QA-LoRA's in_features / G. When every linear pair
+    whose rank and lora_B fit the base reads as one G > 1 (or as a LoRA), that reading must be the
+    declared one: otherwise `qalora_undeclared` / `qalora_declaration_mismatch`, naming both
+    shapes. Pairs that fit no reading are left to the per-module checks (`shape_mismatch`)."""
+    declared = qalora_group(config)
+    rows = []  # (module, in_features, columns of lora_A)
+    for module, found in sorted(pairs.items()):
+        base = base_manifest.get(module + ".weight")
+        if module in embeds or "A" not in found or "B" not in found or base is None or len(base["shape"]) != 2:
+            continue
+        out_f, in_f = reversed(base["shape"]) if swap else base["shape"]
+        rank = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+        a, b = found["A"][1], found["B"][1]
+        if len(a) == 2 and a[0] == rank and list(b) == [out_f, rank]:
+            rows.append((module, in_f, a[1]))
+    try:
+        qalora_declaration.check_reading(rows, declared)
+    except qalora_declaration.DeclarationError as exc:
+        raise ValidationError(exc.code, exc.detail + ".", field=WEIGHTS_FIELD) from None
+    return declared
+
+
+def _expected_shapes(base_shape: list, r: int, *, embedding: bool, swap: bool, group: int | None = None) -> dict | None:
+    """The shapes of A and B for a base weight, or None if it takes no LoRA (`group`: a declared
+    QA-LoRA's G, whose linear lora_A has in_features / G columns)."""
     if embedding:  # weight [num_embeddings, dim]; A: r x num_embeddings, B: dim x r
         if len(base_shape) != 2:
             return None
         return {"A": [r, base_shape[0]], "B": [base_shape[1], r]}
     if len(base_shape) == 2:
         out_f, in_f = reversed(base_shape) if swap else base_shape
+        if group:
+            return {"A": [r, in_f // group], "B": [out_f, r]} if in_f % group == 0 else None
         return {"A": [r, in_f], "B": [out_f, r]}
     if len(base_shape) > 2:  # convolution [out, in, *kernel]: A carries the kernel, B is 1x1
         out_f, in_f, *kernel = base_shape

@@ -313,3 +313,34 @@ def test_pull_compressed_decodes_the_compeft_revision(pushed, hubctl, tokens, ad
     assert graph["edges"] == [{"parent": main.sha, "child": rev.sha}]
     tree = hubctl("lineage", "alice/skill").out
     assert tree.index(f"@{main.sha[:8]} upload") < tree.index(f"@{rev.sha[:8]} compeft [compeft]")
+
+
+def test_push_a_qa_lora_repository_adapter_needs_its_group_size(registered, hubctl, tokens, adapter_dir, tmp_path):
+    """A QA-LoRA trained with the qa-lora repository has a plain LoRA config and lora_A with in/G columns:
+    refused until declared, accepted with --qalora-group-size, and the declaration travels in the config."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((adapter_dir / "adapter_config.json").read_bytes())
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    group = 16
+    pooled = {k: t.reshape(t.shape[0], -1, group).mean(-1) if ".lora_A." in k else t for k, t in tensors.items()}
+    save_file({k: v.contiguous() for k, v in pooled.items()}, folder / "adapter_model.safetensors")
+    assert any(t.shape[1] == 64 // group for k, t in pooled.items() if ".lora_A." in k)
+
+    refused = hubctl("push", folder, "--base", "tiny-base", "--name", "alice/qa", token=tokens["alice"])
+    assert_clean_failure(refused, 1, "qalora_group_size")
+    r = hubctl("push", folder, "--base", "tiny-base", "--name", "alice/qa", "--qalora-group-size", "8",
+               token=tokens["alice"])
+    assert_clean_failure(r, 1, "group size 16")  # a wrong declaration names the real one
+    r = hubctl("push", folder, "--base", "tiny-base", "--name", "alice/qa", "--qalora-group-size", group,
+               token=tokens["alice"])
+    assert r.code == 0, r.err
+    out = tmp_path / "pulled"
+    assert hubctl("pull", "alice/qa", "-o", out, token=tokens["alice"]).code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["qalora_group_size"], config["qalora_pooling"], config["use_qalora"]) == (group, "mean", False)
+    assert json.loads((folder / "adapter_config.json").read_text()).get("qalora_pooling") is None  # local untouched
+    assert_clean_failure(hubctl("push", folder, "--base", "tiny-base", "--name", "alice/qa2", "--qalora-group-size",
+                                "0", token=tokens["alice"]), 1, "positive whole number")
