@@ -78,8 +78,6 @@ def staff_api(client_for, staff_user):
 
 # --- tiny models: tests/model_fixtures.py (TINY_CONFIG, tiny_base_dir, make_peft_adapter) ---
 
-from tests.model_fixtures import TINY_CONFIG  # noqa: E402,F401  (re-exported: tests import it from here)
-
 
 @pytest.fixture
 def tiny_base(db, staff_user, tiny_base_dir):

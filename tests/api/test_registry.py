@@ -179,7 +179,7 @@ def _bad_cases(adapter_dir, wrong_shape_dir):
 def test_bad_uploads_leave_nothing(case, api, tiny_base, adapter_dir, make_peft_adapter, tmp_path, settings):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import TINY_CONFIG
+    from tests.model_fixtures import TINY_CONFIG
 
     wide_base = tmp_path / "wide"
     LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, "hidden_size": 96, "num_attention_heads": 4})).save_pretrained(wide_base)

@@ -156,7 +156,7 @@ def test_an_org_writer_subscribes_for_the_org(api, other_api, user):
 def moved_setup(user, staff_user, tiny_base, peft_adapter, tmp_path):
     """alice/lora on a deprecated tiny-base whose successor is tiny-base-next."""
     from hub.registry.services import base_model_deprecate
-    from tests.conftest import TINY_CONFIG
+    from tests.model_fixtures import TINY_CONFIG
     from tests.workers.test_ops_transfer import _register
 
     successor = _register(staff_user, "tiny-base-next", TINY_CONFIG, tmp_path, seed=9)

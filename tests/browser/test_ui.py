@@ -20,7 +20,7 @@ def wide_adapter(make_peft_adapter, tmp_path_factory):
     """A real PEFT adapter for a base with hidden size 96: wrong shapes for tiny-base."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import TINY_CONFIG
+    from tests.model_fixtures import TINY_CONFIG
 
     wide = tmp_path_factory.mktemp("wide-base")
     LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, "hidden_size": 96})).save_pretrained(wide)

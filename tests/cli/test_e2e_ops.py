@@ -5,7 +5,7 @@ peft; then a bulk transfer to a new base version with its live table."""
 import pytest
 import torch
 
-from tests.conftest import TINY_CONFIG
+from tests.model_fixtures import TINY_CONFIG
 from tests.workers.test_ops_transfer import _register
 
 pytestmark = pytest.mark.django_db(transaction=True)

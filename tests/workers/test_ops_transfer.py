@@ -5,8 +5,8 @@ refused with a message that points at Trans-LoRA."""
 import pytest
 import torch
 
-from tests.conftest import TINY_CONFIG
 from tests.live_workers import wait_jobs
+from tests.model_fixtures import TINY_CONFIG
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

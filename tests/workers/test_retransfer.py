@@ -6,8 +6,8 @@ import datetime as dt
 import pytest
 from django.utils import timezone
 
-from tests.conftest import TINY_CONFIG
 from tests.live_workers import wait_until
+from tests.model_fixtures import TINY_CONFIG
 from tests.workers.test_ops_transfer import _register
 
 pytestmark = pytest.mark.django_db(transaction=True)
