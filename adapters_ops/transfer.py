@@ -1252,7 +1252,7 @@ def _accuracy(value) -> float:
     return acc
 
 
-def quality_gate(source_base_dir, target_base_dir, adapter, transferred, examples,
+def quality_gate(source_base_dir, target_base_dir, adapter: AdapterLike, transferred: AdapterLike, examples,
                  evaluate_fn: Callable | None = None, *, min_gain: float = 0.0) -> dict:
     """Score the transfer on held-out examples: the adapter on its own base, the
     bare target, and the target with the transferred adapter. `verified` is

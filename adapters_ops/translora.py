@@ -50,7 +50,7 @@ from typing import Protocol
 import torch
 
 from ._zoo_train import deterministic  # fixed threads + deterministic kernels, restored after
-from .adapter import Adapter, as_adapter
+from .adapter import Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
 from .evaluate import (
     SELECTIONS,
@@ -780,10 +780,11 @@ def filter_candidates(source_base_dir, target_base_dir, seeds: Sequence[dict], r
 # --- (c) labels ------------------------------------------------------------------------------------
 
 
-def label(source_base_dir, adapter: Adapter, seeds: Sequence[dict], rows: list[dict], cfg: TransLoraConfig,
+def label(source_base_dir, adapter: AdapterLike, seeds: Sequence[dict], rows: list[dict], cfg: TransLoraConfig,
           progress: Progress = None) -> tuple[list[dict], dict]:
     """(c) The source base + adapter answers each input greedily; answers that do
     not end (no EOS within the longest seed completion + label_slack tokens) are dropped."""
+    adapter = as_adapter(adapter)
     model = load_model(source_base_dir, adapter)
     tok = load_tokenizer(source_base_dir)
     longest = max(len(tok(s["completion"], add_special_tokens=False)["input_ids"]) for s in seeds)
@@ -865,7 +866,7 @@ def _soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kl.mean() * temperature ** 2
 
 
-def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequence[dict], cfg: TransLoraConfig,
+def distill(target_base_dir, adapter: AdapterLike, data: Sequence[dict], seeds: Sequence[dict], cfg: TransLoraConfig,
             *, seed: int, target_slug: str | None = None, progress: Progress = None,
             source_base_dir=None) -> tuple[Adapter, dict]:
     """(d) Train a fresh LoRA on the target base on the labelled inputs; every
@@ -877,6 +878,7 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     the student also matches the teacher's (source + adapter) whole next-token
     distribution along each label: a wrong greedy label still carries the
     teacher's second choices. Across tokenizers only the text labels are used."""
+    adapter = as_adapter(adapter)
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     if not data:
@@ -951,13 +953,14 @@ def distill(target_base_dir, adapter: Adapter, data: Sequence[dict], seeds: Sequ
     return out, info
 
 
-def teacher_examples(base_dir, adapter: Adapter, seeds, *, n: int = 1024, generator: str = "auto",
+def teacher_examples(base_dir, adapter: AdapterLike, seeds, *, n: int = 1024, generator: str = "auto",
                      filter_inputs: bool = True, seed: int = 0,
                      progress: Callable[[float, str], None] | None = None) -> tuple[list[dict], dict]:
     """Stages (a)-(c) on one base: task inputs written from the seeds (`generator`), kept by the
     discriminator (`filter_inputs`), answered by `base_dir` + `adapter` (the teacher). What a
     student on the same base learns the adapter's skill from (QA-LoRA recovery, distilled
     composition). Returns [{"prompt", "completion"}] and the stages' reports."""
+    adapter = as_adapter(adapter)
     seeds = read_examples(seeds)
     if n < 1:
         raise AdapterError(f"n must be >= 1, got {n!r}", "invalid_parameter")
@@ -985,9 +988,10 @@ def _metrics(r) -> dict:
     return {"accuracy": round(r.accuracy, 5), "loss": round(r.loss, 5), "n": r.n}
 
 
-def evaluate_on(examples: Sequence[dict], source_base_dir, adapter: Adapter, target_base_dir,
+def evaluate_on(examples: Sequence[dict], source_base_dir, adapter: AdapterLike, target_base_dir,
                 result: Adapter | None) -> dict:
     """(e) Accuracy and loss of the target base, target + result, and source + adapter."""
+    adapter = as_adapter(adapter)
     out = {}
     tgt_tok, src_tok = load_tokenizer(target_base_dir), load_tokenizer(source_base_dir)
     out["target_base"] = _metrics(evaluate_model(load_model(target_base_dir), tgt_tok, examples))
