@@ -71,6 +71,10 @@ class DeprecateForm(forms.Form):
 class TokenForm(forms.Form):
     name = forms.CharField(label="Token name", max_length=64, initial="default",
                            help_text="A reminder of where you use it, e.g. laptop or CI.")
+    expires = forms.ChoiceField(label="Expires", required=False, initial="",
+                                choices=[("", "Never"), ("7d", "In 7 days"), ("30d", "In 30 days"),
+                                         ("90d", "In 90 days"), ("365d", "In a year")],
+                                help_text="After that the token is refused; revoke it any time.")
 
 
 class WebhookForm(forms.Form):
@@ -188,7 +192,7 @@ class MergeForm(JobForm):
         raw = self.cleaned_data["rank"].strip().lower()
         if raw in ("", "auto", "full"):
             return raw
-        if raw.isdigit() and int(raw) >= 1:
+        if raw.isdecimal() and int(raw) >= 1:  # isdigit() passes "¹", which int() refuses
             return int(raw)
         raise forms.ValidationError("A positive whole number, 'auto' or 'full'.")
 

@@ -390,7 +390,8 @@ def tokens(request):
     it travels from the POST to the next GET in the session, then is gone."""
     form = forms.TokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        request.session["new_token"] = services.token_create(user=request.user, name=form.cleaned_data["name"])
+        request.session["new_token"] = services.token_create(user=request.user, name=form.cleaned_data["name"],
+                                                             expires=form.cleaned_data["expires"])
         return redirect("frontend:tokens")
     new_token = request.session.pop("new_token", None)
     response = render(request, "frontend/tokens.html", {

@@ -9,7 +9,7 @@ from hub.registry.models import ApiToken
 
 def user_for_token(raw: str):
     token = ApiToken.objects.select_related("user").filter(key_hash=ApiToken.hash(raw)).first()
-    if token is None or not token.user.is_active:
+    if token is None or not token.user.is_active or token.expired():
         return None
     now = timezone.now()
     if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
@@ -28,7 +28,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Send the header as 'Authorization: Bearer <token>'.")
         user = user_for_token(header[1].decode(errors="replace"))
         if user is None:
-            raise exceptions.AuthenticationFailed("Invalid or revoked token.")
+            raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
         return user, None
 
     def authenticate_header(self, request):

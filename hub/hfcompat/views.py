@@ -146,7 +146,7 @@ def token_user(request):
         return AnonymousUser()
     user = user_for_token(raw)
     if user is None:
-        raise HfError(401, "Invalid credentials in Authorization header: the token is unknown or revoked.")
+        raise HfError(401, "Invalid credentials in Authorization header: the token is unknown, expired or revoked.")
     return user
 
 

@@ -2,18 +2,38 @@
 immutable revisions (a lineage DAG), content-addressed blobs and jobs."""
 
 import hashlib
+import re
 import secrets
 import uuid
 
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+from django.db.models.functions import Lower
 
 from .querysets import AdapterQuerySet, JobQuerySet
 
-# Repo-style names: letters, digits, '-', '_', '.'; no leading dot (no "..").
+# Repo-style names: letters, digits, '-', '_', '.'; starting with a letter or digit.
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 name_validator = RegexValidator(NAME_RE, "Use letters, digits, '-', '_' or '.', starting with a letter or digit.")
+# Device names Windows cannot create as a folder: `hubctl pull` and HF snapshots name folders after repos.
+RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def repo_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a new repository under the Hugging Face Hub's rules, or None.
+
+    NAME_RE, and: no trailing '.' or '-', no '..' or '--', not a reserved device name.
+    Uniqueness is case-insensitive (Adapter's constraint), as on the Hub."""
+    if not re.match(NAME_RE, name or ""):
+        return "use letters, digits, '-', '_' or '.', starting with a letter or digit (at most 96 characters)"
+    if name[-1] in ".-":
+        return "a name cannot end with '.' or '-'"
+    if ".." in name or "--" in name:
+        return "a name cannot contain '..' or '--'"
+    if name.split(".", 1)[0].lower() in RESERVED_NAMES:
+        return f"'{name.split('.', 1)[0]}' is a reserved device name on Windows"
+    return None
 
 
 class Org(models.Model):
@@ -46,14 +66,21 @@ class ApiToken(models.Model):
     key_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)  # None: until revoked
 
     PREFIX = "hub_"
 
     @classmethod
-    def issue(cls, user, name="default") -> tuple["ApiToken", str]:
+    def issue(cls, user, name="default", expires_at=None) -> tuple["ApiToken", str]:
         raw = cls.PREFIX + secrets.token_urlsafe(30)
-        token = cls.objects.create(user=user, name=name, prefix=raw[:12], key_hash=cls.hash(raw))
+        token = cls.objects.create(user=user, name=name, prefix=raw[:12], key_hash=cls.hash(raw),
+                                   expires_at=expires_at)
         return token, raw
+
+    def expired(self, now=None) -> bool:
+        from django.utils import timezone
+
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
 
     @staticmethod
     def hash(raw: str) -> str:
@@ -145,7 +172,11 @@ class Adapter(models.Model):
 
     class Meta:
         ordering = ["-updated_at"]
-        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="unique_adapter_name")]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="unique_adapter_name"),
+            # As on the Hugging Face Hub, names that differ only by case are the same repository.
+            models.UniqueConstraint(Lower("owner"), Lower("name"), name="unique_adapter_name_ci"),
+        ]
 
     @property
     def repo_id(self) -> str:

@@ -5,8 +5,10 @@ leaves no row and no blob behind."""
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import BinaryIO
 
 from django.db import IntegrityError, transaction
@@ -15,7 +17,19 @@ from django.utils import timezone
 from hub.storage import blob_batch, hash_file, open_blob
 
 from . import validation
-from .models import Adapter, ApiToken, BaseModel, BaseModelFile, Blob, Org, Ref, Revision, RevisionFile, Tag
+from .models import (
+    Adapter,
+    ApiToken,
+    BaseModel,
+    BaseModelFile,
+    Blob,
+    Org,
+    Ref,
+    Revision,
+    RevisionFile,
+    Tag,
+    repo_name_problem,
+)
 from .querysets import owner_names
 from .validation import ValidationError
 
@@ -95,8 +109,23 @@ def org_create(*, name: str, user) -> Org:
     return org
 
 
-def token_create(*, user, name: str = "default") -> str:
-    _, raw = ApiToken.issue(user, name=name)
+def token_lifetime(text: str | None):
+    """'30d', '12h', '90m' -> a timedelta; None, '' or 'never' -> None (valid until revoked)."""
+    text = (text or "").strip().lower()
+    if text in ("", "never"):
+        return None
+    match = re.fullmatch(r"([0-9]{1,5})([dhm])", text)
+    if not match or int(match[1]) == 0:
+        raise ValidationError("invalid_expiry", f"Expiry '{text}': use a count and a unit, e.g. 30d, 12h or 90m, "
+                                                "or 'never'.", field="expires")
+    unit = {"d": "days", "h": "hours", "m": "minutes"}[match[2]]
+    return timedelta(**{unit: int(match[1])})
+
+
+def token_create(*, user, name: str = "default", expires: str | None = None) -> str:
+    """A new token's raw value (shown once). `expires`: a lifetime such as '30d' (token_lifetime)."""
+    lifetime = token_lifetime(expires)
+    _, raw = ApiToken.issue(user, name=name, expires_at=None if lifetime is None else timezone.now() + lifetime)
     return raw
 
 
@@ -224,9 +253,16 @@ def _summary_fields(summary, size: int) -> dict:
     }
 
 
+TAG_MAX = Tag._meta.get_field("name").max_length
+
+
 def set_tags(adapter: Adapter, tags: list[str]) -> None:
-    objs = [Tag.objects.get_or_create(name=t.strip().lower())[0] for t in tags if t.strip()]
-    adapter.tags.set(objs)
+    names = [t.strip().lower() for t in tags if t.strip()]
+    too_long = [t for t in names if len(t) > TAG_MAX]
+    if too_long:  # checked here, for every path: PostgreSQL's varchar would answer 500, SQLite store it
+        raise ValidationError("invalid_tag", f"Tags are at most {TAG_MAX} characters: {too_long[0][:80]!r}.",
+                              field="tags")
+    adapter.tags.set([Tag.objects.get_or_create(name=t)[0] for t in names])
 
 
 def adapter_create_from_upload(
@@ -235,8 +271,12 @@ def adapter_create_from_upload(
     seeds: IncomingFile | None = None, message: str = "Upload",
 ) -> Revision:
     check_can_write(user, owner)
-    if Adapter.objects.filter(owner=owner, name=name).exists():
-        raise Conflict(f"{owner}/{name} already exists.")
+    problem = repo_name_problem(name)
+    if problem:
+        raise ValidationError("invalid_name", f"Invalid repo name '{name}': {problem}.", field="name")
+    existing = Adapter.objects.filter(owner__iexact=owner, name__iexact=name).first()
+    if existing is not None:  # names that differ only by case are one repository, as on the Hub
+        raise Conflict(f"{existing.repo_id} already exists.")
     checked = check_adapter_files(files, base)
     if seeds is not None:
         validation.validate_seeds(seeds.fileobj.read())

@@ -212,7 +212,7 @@ def test_push_errors_are_one_line(pushed, hubctl, tokens, adapter_dir, tmp_path)
     cases = [  # (what changes, exit code, the message)
         ({"base": "nope"}, 1, "Base model 'nope' is not registered."),
         ({"name": "alice/skill"}, 1, "alice/skill already exists"),
-        ({"token": "hub_not-a-real-token"}, 1, "The hub refused the token: Invalid or revoked token."),
+        ({"token": "hub_not-a-real-token"}, 1, "The hub refused the token: Invalid, expired or revoked token."),
         ({"token": None}, 1, "needs a token"),
         ({"dir": tmp_path}, 1, "is not a PEFT adapter folder: adapter_config.json and adapter_model.safetensors missing"),
         ({"name": "no-slash"}, 1, "Name adapters as owner/name"),
