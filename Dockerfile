@@ -22,6 +22,8 @@ COPY frontend ./frontend
 COPY manage.py ./
 RUN pip install --no-deps --no-build-isolation . && pip check && python manage.py collectstatic --noinput -v0 \
     && useradd --create-home hub && mkdir -p /data && chown hub /data
+# Production: the settings refuse to start without a real SECRET_KEY (compose.yaml requires one).
+ENV DEBUG=0
 USER hub
 
 EXPOSE 8000

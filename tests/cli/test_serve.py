@@ -1,6 +1,8 @@
 """`hubctl serve` smoke test: a fresh HUB_HOME with no DATABASE_URL or
 REDIS_URL starts an embedded Redis, migrates SQLite, serves the API with an
-admin token, and on SIGTERM stops every process it started."""
+admin token, and on SIGTERM stops every process it started. And the
+SECRET_KEY rules that keep serve and the tests working while a deployment
+cannot run on the built-in key. (Restarts: test_serve_supervision.py.)"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import importlib.util
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -92,6 +95,10 @@ def test_serve_starts_everything_and_stops_it(tmp_path):
             time.sleep(0.1)
         token = (tmp_path / "token").read_text().strip()
         assert f"export HUB_URL={url} HUB_TOKEN={token}" in log_path.read_text()
+        # ... as there was none yet; and beside the data, with this install's SECRET_KEY, owner-only.
+        home = tmp_path / "home"
+        assert (home / "admin-token").read_text().strip() == token
+        assert {stat.S_IMODE((home / name).stat().st_mode) for name in ("admin-token", "secret-key")} == {0o600}
         me = httpx.get(f"{url}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
         assert (me["username"], me["is_staff"]) == ("admin", True)
 
@@ -121,3 +128,41 @@ def test_serve_starts_everything_and_stops_it(tmp_path):
     assert "serve | stopped" in log_path.read_text()
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=redis_port, socket_timeout=1).ping()
+
+
+# --- SECRET_KEY ---------------------------------------------------------------------------------
+
+
+def django(args: list[str], home: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run Python in a clean environment (no SECRET_KEY, DEBUG, DATABASE_URL...) on a fresh HUB_HOME."""
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HUB_HOME": str(home), **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120)
+
+
+def test_settings_refuse_the_builtin_key_when_debug_is_off(tmp_path):
+    run = django(["-c", "import hub.settings"], tmp_path, DEBUG="0")
+    assert run.returncode != 0
+    assert "ImproperlyConfigured: SECRET_KEY is not set and DEBUG is off" in run.stderr
+    assert "export SECRET_KEY=" in run.stderr
+
+
+@pytest.mark.parametrize("env, key_file, expected", [
+    ({}, None, "builtin"),  # how the tests and a laptop's manage.py run
+    ({"DEBUG": "1"}, None, "builtin"),
+    ({"DEBUG": "0"}, "serve-made-key", "serve-made-key"),  # `hubctl serve` with DEBUG=0
+    ({"DEBUG": "0", "SECRET_KEY": "from-env"}, "serve-made-key", "from-env"),
+])
+def test_settings_secret_key_sources(tmp_path, env, key_file, expected):
+    if key_file:
+        (tmp_path / "secret-key").write_text(key_file + "\n")
+    code = "import hub.settings as s; print('builtin' if s.SECRET_KEY == s._EMBEDDED_SECRET_KEY else s.SECRET_KEY)"
+    run = django(["-c", code], tmp_path, **env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == expected
+
+
+def test_check_deploy_flags_the_builtin_key(tmp_path):
+    run = django(["manage.py", "check", "--deploy"], tmp_path)
+    assert run.returncode == 1 and "(hub.E001) SECRET_KEY is the built-in default" in run.stderr, run.stderr
+    run = django(["manage.py", "check", "--deploy"], tmp_path, SECRET_KEY="x" * 60)
+    assert "hub.E001" not in run.stdout + run.stderr
