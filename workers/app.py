@@ -28,6 +28,7 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # limit, or Redis would hand a still-running job's message to a second worker.
 REAPER_INTERVAL = float(knob("JOB_REAPER_INTERVAL", 30.0))
 RETRANSFER_INTERVAL = float(knob("RETRANSFER_INTERVAL", 300.0))
+BLOB_GC_INTERVAL = float(knob("BLOB_GC_INTERVAL", 24 * 3600.0))
 VISIBILITY_TIMEOUT = max(int(knob("JOB_VISIBILITY_TIMEOUT", 6 * 3600)), int(catalog.max_time_limit() * 1.25) + 600)
 
 app.conf.update(
@@ -65,6 +66,11 @@ app.conf.update(
             "task": "workers.retransfer.sweep",
             "schedule": RETRANSFER_INTERVAL,
             "options": {"queue": "cpu", "expires": max(RETRANSFER_INTERVAL, 1.0)},
+        },
+        "gc-blobs": {
+            "task": "workers.reaper.gc_blobs",
+            "schedule": BLOB_GC_INTERVAL,
+            "options": {"queue": "cpu", "expires": max(BLOB_GC_INTERVAL, 1.0)},
         },
     },
     worker_hijack_root_logger=False,

@@ -10,6 +10,10 @@
   is harmless: the runner claims a job by compare-and-set, once.
 
 Every change is a compare-and-set UPDATE, so two reapers never double a job.
+
+Each pass also removes the scratch directories, on the machine it runs on, of
+finished jobs and of attempts that lost their job (a killed worker's). Blob
+files without a row are collected daily (`gc_blobs_task`).
 """
 
 from __future__ import annotations
@@ -89,4 +93,21 @@ def _close(pk, cutoff, *, status: str, message: str, error: str = "") -> bool:
 
 @app.task(name="workers.reaper.reap", ignore_result=True)
 def reap_task() -> dict[str, int]:
-    return reap()
+    from workers.runner import sweep_scratch
+
+    counts = reap()
+    removed = sweep_scratch()
+    if removed:
+        log.warning("reaper: removed %d leftover scratch directories", removed)
+    return {**counts, "scratch_removed": removed}
+
+
+@app.task(name="workers.reaper.gc_blobs", ignore_result=True)
+def gc_blobs_task() -> int:
+    """`manage.py gc_blobs` on a schedule: blob files without a row, older than BLOB_GC_GRACE seconds."""
+    from hub.storage import GC_GRACE_SECONDS, collect_garbage
+
+    removed = collect_garbage(float(knob("BLOB_GC_GRACE", GC_GRACE_SECONDS)))
+    if removed:
+        log.warning("gc_blobs: deleted %d blob files without a row", len(removed))
+    return len(removed)

@@ -5,8 +5,13 @@ A Celery task receives only a job id and calls `run(job_id, fn)`:
 1. claim the Job by compare-and-set (queued, or running with a stale
    heartbeat, and attempts left): a second message for the same job, or one
    for a finished job, does nothing;
+   a message the broker gave back after its worker died takes the job over
+   at once if that worker was a process of this node that is gone, else
+   comes back when the job's heartbeat goes stale;
 2. call `fn(ctx)` with a `JobContext` (progress, cancellation, heartbeats,
-   inputs from the blob store, stage checkpoints, a scratch directory);
+   inputs from the blob store, stage checkpoints, a scratch directory named
+   `job-<id>-<attempt>`, so the next attempt and the reaper find and remove
+   what a killed attempt left);
 3. record the outcome. A `RevisionOutput` becomes blobs + a Revision + the
    job's `succeeded` in ONE transaction that first re-checks the job is still
    ours, so a retried job never leaves two result revisions; a `Done` (or
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -341,13 +347,59 @@ class Heartbeat(threading.Thread):
             self.join(timeout=10)
 
 
+# --- scratch directories ----------------------------------------------------------------------
+
+UUID_RE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+SCRATCH_NAME = re.compile(rf"^job-(?P<job>{UUID_RE})-(?P<attempt>[0-9]+)$")
+
+
+def scratch_root() -> Path:
+    return Path(knob("JOB_WORK_DIR", "") or tempfile.gettempdir())
+
+
+def scratch_dir(job_id, attempt: int) -> Path:
+    return scratch_root() / f"job-{job_id}-{attempt}"
+
+
+def scratch_dirs(job_id="*") -> list[tuple[Path, str, int]]:
+    """(path, job id, attempt) of the scratch directories on this machine."""
+    found = []
+    for path in scratch_root().glob(f"job-{job_id}-*"):
+        if match := SCRATCH_NAME.match(path.name):
+            found.append((path, match["job"], int(match["attempt"])))
+    return found
+
+
+def sweep_scratch() -> int:
+    """Remove this machine's scratch directories of finished jobs and of
+    attempts that lost their job (a killed worker's, which no `finally` ran
+    for); returns how many. Directories of jobs unknown to this database are
+    left alone: the system temporary directory may be shared."""
+    found = scratch_dirs()
+    if not found:
+        return 0
+    jobs_here = Job.objects.filter(pk__in={job for _, job, _ in found})
+    rows = {str(pk): (status, attempts) for pk, status, attempts in jobs_here.values_list("pk", "status", "attempts")}
+    removed = 0
+    for path, job, attempt in found:
+        status, attempts = rows.get(job, ("", 0))
+        if status in Job.FINISHED or attempt < attempts:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
-def claim(job_id, token: str) -> bool:
+def claim(job_id, token: str, lost_worker: str = "") -> bool:
+    """Compare-and-set: queued, or running with a stale heartbeat, or running
+    under `lost_worker` (a token the caller found to name a dead process)."""
     now = timezone.now()
     cutoff = jobs.stale_cutoff(now)
     claimable = Q(status="queued") | Q(status="running", heartbeat_at__lt=cutoff)
+    if lost_worker:
+        claimable |= Q(status="running", worker=lost_worker)
     n = Job.objects.filter(claimable, pk=job_id, attempts__lt=F("max_attempts"), cancel_requested=False).update(
         status="running", attempts=F("attempts") + 1, heartbeat_at=now, worker=token, error="",
         started_at=Coalesce(F("started_at"), Value(now)), message="Started.",
@@ -355,9 +407,49 @@ def claim(job_id, token: str) -> bool:
     return n == 1
 
 
+def node_name(task=None) -> str:
+    return getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
+
+
 def worker_token(task=None) -> str:
-    host = getattr(getattr(task, "request", None), "hostname", None) or socket.gethostname()
-    return f"{host}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+    return f"{node_name(task)}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+
+
+def process_gone(token: str, task=None) -> bool:
+    """Whether a worker token (node/pid/nonce) names a process of this node
+    that has exited. Another node's process, or a live one, is not gone."""
+    node, _, rest = token.partition("/")
+    pid = rest.partition("/")[0]
+    if node != node_name(task) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def _claim_redelivered(job_id, token: str, task) -> bool:
+    """A message the broker gave back because the worker running it died
+    (acks_late + reject_on_worker_lost: at once, while the job's heartbeat is
+    still fresh). Take the job over now if that worker was a process of this
+    node that is gone; otherwise send the message again for when the
+    heartbeat will be stale, instead of dropping it and leaving the job to the
+    reaper's next pass. The resent message is not a redelivery, so a job
+    whose worker is in fact alive costs one extra look, not a loop."""
+    if task is None or not (task.request.delivery_info or {}).get("redelivered"):
+        return False
+    row = Job.objects.filter(pk=job_id, status="running").values_list("worker", "heartbeat_at").first()
+    if row is None:
+        return False
+    lost_worker, heartbeat_at = row
+    if process_gone(lost_worker, task) and claim(job_id, token, lost_worker=lost_worker):
+        return True
+    stale_in = (heartbeat_at - jobs.stale_cutoff()).total_seconds() if heartbeat_at else 0.0
+    log.info("job %s: redelivered while its heartbeat is fresh; looking again in %.0f s", job_id, stale_in)
+    raise task.retry(countdown=max(0.0, stale_in) + heartbeat_interval(), max_retries=None)
 
 
 def run(job_id, fn: Callable[[JobContext], RevisionOutput | Done | None], task=None) -> str:
@@ -367,7 +459,7 @@ def run(job_id, fn: Callable[[JobContext], RevisionOutput | Done | None], task=N
     jobs.message_consumed(job_id)
     token = worker_token(task)
     try:
-        if not claim(job_id, token):
+        if not claim(job_id, token) and not _claim_redelivered(job_id, token, task):
             log.info("job %s: not claimable (finished, running elsewhere or out of attempts); skipped", job_id)
             return "skipped"
     except TRANSIENT_ERRORS as exc:
@@ -375,7 +467,10 @@ def run(job_id, fn: Callable[[JobContext], RevisionOutput | Done | None], task=N
             raise task.retry(exc=exc, countdown=retry_countdown(task.request.retries + 1), max_retries=5) from exc
         raise
     job = Job.objects.select_related("owner", "adapter", "adapter__base_model").get(pk=job_id)
-    workdir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=knob("JOB_WORK_DIR", "") or None))
+    for stale, _, _ in scratch_dirs(job.id):  # what a killed attempt left on this machine
+        shutil.rmtree(stale, ignore_errors=True)
+    workdir = scratch_dir(job.id, job.attempts)
+    workdir.mkdir(mode=0o700, parents=True)
     ctx = JobContext(job, token, workdir)
     heartbeat = Heartbeat(ctx)
     heartbeat.start()
@@ -508,12 +603,8 @@ def drop_checkpoints(job_id) -> None:
         cps = Job.objects.filter(pk=job_id).values_list("checkpoints", flat=True).first() or {}
         if not cps:
             return
-        held = set()
-        for other in Job.objects.exclude(pk=job_id).exclude(status__in=Job.FINISHED).values_list(
-            "checkpoints", flat=True
-        ):
-            held.update((other or {}).values())
         Job.objects.filter(pk=job_id).update(checkpoints={})
-        delete_unreferenced(list(Blob.objects.filter(sha256__in=set(cps.values()) - held)))
+        # delete_unreferenced keeps those another unfinished job's checkpoints hold
+        delete_unreferenced(list(Blob.objects.filter(sha256__in=set(cps.values()))))
     except Exception:  # never fail a finished job over its scratch data
         log.warning("job %s: checkpoint clean-up failed", job_id, exc_info=True)

@@ -161,7 +161,11 @@ def _read_header(f: IncomingFile) -> dict:
 
 
 def _store_files(batch, files: dict[str, IncomingFile]) -> dict[str, Blob]:
-    return {path: batch.put(f.fileobj, f.sha256, f.size) for path, f in files.items()}
+    # In sha256 order: each put locks its blob's row, and two uploads sharing
+    # blobs must take those locks in the same order or they deadlock.
+    by_sha = sorted(files.items(), key=lambda item: item[1].sha256)
+    stored = {path: batch.put(f.fileobj, f.sha256, f.size) for path, f in by_sha}
+    return {path: stored[path] for path in files}
 
 
 def base_model_register(
@@ -374,7 +378,8 @@ def revision_create(
 
 
 def adapter_delete(*, adapter: Adapter) -> None:
-    """Delete an adapter and the blobs only it referenced."""
+    """Delete an adapter and the blobs only it referenced (each checked under
+    its row lock: an upload of the same bytes racing this keeps them)."""
     from hub.storage import delete_unreferenced
 
     blobs = list(Blob.objects.filter(revision_files__revision__adapter=adapter).distinct())
