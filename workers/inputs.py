@@ -13,7 +13,7 @@ from pathlib import Path
 from django.conf import settings
 
 from hub.registry.models import Adapter, BaseModel, Revision
-from hub.storage import copy_to_path
+from hub.storage import open_blob
 from workers import knob
 from workers.runner import JobContext
 
@@ -52,11 +52,11 @@ def seeds(adapter: Adapter) -> list[dict] | None:
     """The adapter's seed examples ({"prompt", "completion"} dicts), if uploaded."""
     if adapter.seeds_id is None:
         return None
-    path = copy_to_path(adapter.seeds, Path(tempfile.mkdtemp(prefix="seeds-")) / "seeds.jsonl")
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    finally:
-        shutil.rmtree(path.parent, ignore_errors=True)
+    # Read from the store directly: seed files are small (validation caps them), and a temporary
+    # copy would outlive a worker killed while reading it.
+    with open_blob(adapter.seeds) as f:
+        text = f.read().decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def seed_accuracy(base: Path, examples: list[dict], lora=None) -> float:
