@@ -22,6 +22,7 @@ from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's wrapper around the base model's module names
 
 # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
@@ -119,10 +120,12 @@ class Adapter:
         return float(alpha) / float(r)
 
     def _pattern_value(self, field_name: str, module: str, default):
-        pattern = self.config.get(field_name) or {}
-        name = module.removesuffix(".weight")
-        for key, value in pattern.items():
-            if name == key or name.endswith("." + key) or re.fullmatch(rf"(.*\.)?{key}", name):
+        # PEFT's own rule (peft.utils.other.get_pattern_key): the first key that matches the module's
+        # name in the base model, as re.match(rf"(.*\.)?({key})$", name). The hub stores only keys of
+        # a form its upload validation matches without a regex, and agrees with this on all of them.
+        name = module.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+        for key, value in (self.config.get(field_name) or {}).items():
+            if re.match(rf"(.*\.)?({key})$", name):
                 return value
         return default
 

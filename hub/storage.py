@@ -29,6 +29,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from hub.registry.models import Blob
+from hub.registry.validation import content_disposition
 
 CHUNK = 1024 * 1024
 # Files without a row younger than this are kept: an upload writes its file
@@ -159,7 +160,7 @@ def presigned_url(blob: Blob, filename: str | None = None) -> str | None:
         return None
     params = {}
     if filename:
-        params["ResponseContentDisposition"] = f'attachment; filename="{Path(filename).name}"'
+        params["ResponseContentDisposition"] = content_disposition(filename)
     return _storage().url(blob.key, parameters=params or None, expire=settings.S3_PRESIGN_SECONDS)
 
 

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.http import HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 
 from hub.registry.models import Blob
+from hub.registry.validation import content_disposition
 from hub.storage import CHUNK, open_blob, presigned_url
 
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -77,7 +78,7 @@ def blob_response(request, blob: Blob, filename: str, headers: dict | None = Non
         resp = StreamingHttpResponse(_iter_range(blob, start, length), status=status)
     resp["Content-Type"] = "application/octet-stream"
     resp["Content-Length"] = str(length)
-    resp["Content-Disposition"] = f'attachment; filename="{filename.rsplit("/", 1)[-1]}"'
+    resp["Content-Disposition"] = content_disposition(filename)
     if status == 206:
         resp["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
     for k, v in headers.items():

@@ -41,7 +41,7 @@ from hub.registry import selectors, services
 from hub.registry.models import NAME_RE, Adapter, ApiToken, BaseModel, Blob, Revision
 from hub.registry.querysets import owner_names
 from hub.registry.services import Conflict, Forbidden, IncomingFile
-from hub.registry.validation import ValidationError, check_filename
+from hub.registry.validation import ValidationError, check_filename, content_disposition
 from hub.storage import open_blob
 
 from . import card
@@ -484,7 +484,7 @@ def _bytes_response(request, content: bytes, path: str, headers: dict) -> HttpRe
     resp = HttpResponse(body, status=200 if rng is None else 206, content_type="application/octet-stream")
     resp["Content-Length"] = str(end - start + 1 if size else 0)
     resp["Accept-Ranges"] = "bytes"
-    resp["Content-Disposition"] = f'inline; filename="{path.rsplit("/", 1)[-1]}"'
+    resp["Content-Disposition"] = content_disposition(path, "inline")
     if rng is not None:
         resp["Content-Range"] = f"bytes {start}-{end}/{size}"
     for k, v in headers.items():

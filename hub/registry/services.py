@@ -148,10 +148,11 @@ def _validate_files(files: list[IncomingFile]) -> dict[str, IncomingFile]:
     return by_path
 
 
-def _read_header(f: IncomingFile) -> dict:
+def _read_header(f: IncomingFile, **caps) -> dict:
+    """`caps`: read_safetensors_header's max_bytes / max_tensors (default: an adapter's)."""
     f.fileobj.seek(0)
     try:
-        return validation.read_safetensors_header(f.fileobj, f.size)
+        return validation.read_safetensors_header(f.fileobj, f.size, **caps)
     except ValidationError as exc:
         exc.detail = f"{f.path}: {exc.detail}"
         exc.field = exc.field or f.path
@@ -183,7 +184,8 @@ def base_model_register(
         raise ValidationError("missing_weights", "A base model needs at least one .safetensors file.", field="files")
     manifest = {}
     for f in weights:
-        manifest.update(validation.manifest_from_header(_read_header(f)))
+        manifest.update(validation.manifest_from_header(_read_header(
+            f, max_bytes=validation.BASE_MAX_HEADER_BYTES, max_tensors=validation.BASE_MAX_HEADER_TENSORS)))
     config = {}
     if "config.json" in by_path:
         fobj = by_path["config.json"].fileobj
@@ -237,6 +239,9 @@ def check_adapter_files(files: list[IncomingFile], base: BaseModel) -> CheckedAd
     if ADAPTER_WEIGHTS not in by_path:
         raise ValidationError("missing_weights", f"The upload has no {ADAPTER_WEIGHTS}.", field=ADAPTER_WEIGHTS)
     cfg = by_path[ADAPTER_CONFIG]
+    if cfg.size > validation.MAX_CONFIG_BYTES:  # refused before it is read into memory
+        raise ValidationError("config_too_large", f"{ADAPTER_CONFIG} is {cfg.size} bytes; at most "
+                              f"{validation.MAX_CONFIG_BYTES} are accepted.", field=ADAPTER_CONFIG)
     config = validation.validate_peft_config(cfg.fileobj.read())
     cfg.fileobj.seek(0)
     for path, f in by_path.items():

@@ -15,19 +15,33 @@ import re
 import struct
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 from pathlib import PurePosixPath
 from typing import BinaryIO
+from urllib.parse import quote
 
 # Standard library only (no torch): the QA-LoRA declaration rule the library applies too.
 from adapters_ops import qalora_declaration
 
-# safetensors refuses headers above 100 MB; a header that size would also be
-# a memory-exhaustion attempt on the web process.
-MAX_HEADER_BYTES = 100_000_000
+# Header caps, checked before the JSON is parsed (safetensors' own 100 MB would let one
+# upload hold the web process for a minute and grow it by 1.7 GB). An adapter: a 70B
+# all-linear LoRA has ~1,100 tensors, a LoRA on every expert of a 128-expert MoE ~37,000
+# (~6 MB of header). Base weights (staff only): one shard, or a whole MoE in one file.
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_TENSORS = 50_000
+BASE_MAX_HEADER_BYTES = 32 << 20
+BASE_MAX_HEADER_TENSORS = 200_000
 MAX_NAME_CHARS = 255
 MAX_PATH_CHARS = 1024
 MAX_PATTERN_CHARS = 256
+# (rank_pattern key, module) pairs one upload may make the hub try: about a second. One key per
+# module of a 405B all-linear LoRA makes 780,000.
+MAX_PATTERN_CHECKS = 1_000_000
+MAX_PATTERN_KEYS = 10_000
+# adapter_config.json: 10,000 pattern keys of 256 characters fit; parsing stays cheap.
+MAX_CONFIG_BYTES = 4 << 20
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_FIELD = "adapter_model.safetensors"
 
@@ -40,6 +54,9 @@ DTYPE_BITS = {
 }
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 ALLOWED_DOTFILES = {".gitattributes"}
+# Control, format (bidi, zero-width), surrogate, private-use and unassigned code points,
+# and the line and paragraph separators.
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
 class ValidationError(Exception):
@@ -59,11 +76,15 @@ class ValidationError(Exception):
 # --- safetensors -------------------------------------------------------------------
 
 
-def read_safetensors_header(fileobj: BinaryIO, size: int | None = None) -> dict:
+def read_safetensors_header(
+    fileobj: BinaryIO, size: int | None = None, *, max_bytes: int = MAX_HEADER_BYTES,
+    max_tensors: int = MAX_HEADER_TENSORS,
+) -> dict:
     """Read and validate a safetensors header without reading any tensor data.
 
     Returns the header: {name: {"dtype", "shape", "data_offsets"}}, plus
-    "__metadata__" (str -> str) when the file has one.
+    "__metadata__" (str -> str) when the file has one. The caps default to an
+    adapter's; base weights pass BASE_MAX_HEADER_BYTES / BASE_MAX_HEADER_TENSORS.
     """
     if size is None:  # fall back to the stream's own length
         size = fileobj.seek(0, 2)
@@ -74,16 +95,15 @@ def read_safetensors_header(fileobj: BinaryIO, size: int | None = None) -> dict:
     if len(prefix) < 8:
         raise ValidationError("truncated_safetensors", f"The file has {size} bytes; a safetensors file starts with 8.")
     (n,) = struct.unpack("<Q", prefix)
-    if n > MAX_HEADER_BYTES:
-        raise ValidationError("header_too_large", f"The header claims {n} bytes; the limit is {MAX_HEADER_BYTES}.")
+    if n > max_bytes:
+        raise ValidationError("header_too_large", f"The header claims {n} bytes; the limit is {max_bytes}.")
     if 8 + n > size:
         raise ValidationError("truncated_safetensors", f"The header claims {n} bytes but the file has only {size}.")
     raw = fileobj.read(n)
     if len(raw) < n:
         raise ValidationError("truncated_safetensors", f"The header claims {n} bytes but only {len(raw)} could be read.")
     try:
-        # Duplicate keys would let two readers see different tensors: refuse them.
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_header_object_hook(max_tensors))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValidationError("invalid_header", f"The header is not valid UTF-8 JSON: {exc}.") from None
     if not isinstance(header, dict):
@@ -94,6 +114,8 @@ def read_safetensors_header(fileobj: BinaryIO, size: int | None = None) -> dict:
     ):
         raise ValidationError("invalid_header", "__metadata__ must map strings to strings.")
     tensors = [(name, _tensor_info(name, info)) for name, info in header.items() if name != "__metadata__"]
+    if len(tensors) > max_tensors:  # the hook's count allows for a __metadata__ this header may lack
+        raise ValidationError("too_many_tensors", f"The header describes more than {max_tensors} tensors.")
     # Like safetensors' validate(): sorted by offsets, the tensors must tile the
     # byte buffer from 0 with no hole or overlap, and the buffer must end the file.
     end = 0
@@ -115,13 +137,25 @@ def read_safetensors_header(fileobj: BinaryIO, size: int | None = None) -> dict:
     return out
 
 
-def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
+def _header_object_hook(max_tensors: int):
+    """json's object_pairs_hook for a header: refuses duplicate keys (two readers
+    would see different tensors) and stops at the tensor cap while parsing, before
+    a huge header has become millions of Python objects."""
+    seen = 0
+
+    def hook(pairs):
+        nonlocal seen
+        seen += 1  # one object per tensor, plus __metadata__ and the header itself
+        if seen > max_tensors + 2:
+            raise ValidationError("too_many_tensors", f"The header describes more than {max_tensors} tensors.")
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"duplicate key {k!r}")
+            out[k] = v
+        return out
+
+    return hook
 
 
 def _is_int(x) -> bool:
@@ -160,16 +194,24 @@ def manifest_from_header(header: dict) -> dict:
 
 
 def check_filename(path: str) -> str:
-    """Normalise an uploaded relative path; refuse anything that could escape
-    the revision's tree or that is a pickle."""
+    """Normalise an uploaded relative path (NFC); refuse anything that could escape
+    the revision's tree, hides characters or is a pickle."""
     def bad(why):
         return ValidationError("bad_filename", f"{path!r} is not an acceptable file name: {why}.", field="files")
 
     if not isinstance(path, str) or not path:
         raise bad("it is empty")
     path = unicodedata.normalize("NFC", path)
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise bad("it contains control characters")
+    # Bidi overrides and zero-width characters make a name read as another one
+    # (evil\u202egnp.safetensors shows as evilsafetensors.png); control characters
+    # break logs and headers.
+    hidden = next((c for c in path if unicodedata.category(c) in _INVISIBLE_CATEGORIES), None)
+    if hidden is not None:
+        raise bad(f"it contains the invisible or control character U+{ord(hidden):04X}")
+    # Fullwidth dots and slashes, ligatures and the like read as (and turn into) ASCII ones.
+    if unicodedata.normalize("NFKC", path) != path:
+        raise bad("it contains compatibility characters (fullwidth, ligatures, ...) that stand for other ones; "
+                  "use their plain form")
     if "\\" in path:
         raise bad("it contains a backslash")
     if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
@@ -196,6 +238,15 @@ def check_filename(path: str) -> str:
     return path
 
 
+def content_disposition(path: str, disposition: str = "attachment") -> str:
+    """A Content-Disposition value for a stored file (RFC 6266): the exact name,
+    percent-encoded, in filename*, and an ASCII fallback without quotes,
+    backslashes or percent signs for clients that only read filename."""
+    name = path.rsplit("/", 1)[-1]
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 # --- PEFT config -----------------------------------------------------------------------
 
 # A quantified group that itself holds a quantifier, e.g. (a+)+: such user
@@ -216,8 +267,12 @@ def _check_pattern(pattern, what: str) -> None:
         raise _config_error(f"{what} must be a non-empty string of at most {MAX_PATTERN_CHARS} characters.")
     if _NESTED_QUANTIFIER.search(pattern):
         raise _config_error(f"{what} {pattern!r} nests quantifiers; simplify the pattern.")
+    _check_compiles(pattern, what)
+
+
+def _check_compiles(pattern: str, what: str) -> None:
     try:
-        re.compile(pattern)
+        re.compile(pattern)  # compiling matches nothing: safe on any pattern
     except re.error as exc:
         raise _config_error(f"{what} {pattern!r} is not a valid regex: {exc}.") from None
 
@@ -225,6 +280,8 @@ def _check_pattern(pattern, what: str) -> None:
 def validate_peft_config(data: bytes) -> dict:
     """Parse adapter_config.json and check the fields the hub relies on."""
     bad = _config_error
+    if len(data) > MAX_CONFIG_BYTES:
+        raise bad(f"adapter_config.json has {len(data)} bytes; the limit is {MAX_CONFIG_BYTES}.", "config_too_large")
     try:
         config = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -251,8 +308,16 @@ def validate_peft_config(data: bytes) -> dict:
             continue
         if not isinstance(pattern, dict):
             raise bad(f"{name} must be an object mapping module patterns to {kind}.")
+        if len(pattern) > MAX_PATTERN_KEYS:
+            raise bad(f"{name} has {len(pattern)} keys; the limit is {MAX_PATTERN_KEYS}.", "unsupported_pattern")
         for key, value in pattern.items():
-            _check_pattern(key, f"{name} key")
+            if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
+                raise bad(f"{name} keys must be non-empty strings of at most {MAX_PATTERN_CHARS} characters.")
+            if parse_pattern_key(key) is None:
+                _check_compiles(key, f"{name} key")
+                raise bad(f"{name} key {key!r} is not a form the hub accepts: PEFT runs it as a regex, and "
+                          f"regexes can take minutes to match. Accepted: {PATTERN_KEY_FORMS}.",
+                          "unsupported_pattern")
             if not ok(value):
                 raise bad(f"{name}[{key!r}] must be one of {kind}, got {value!r}.")
     for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "use_qalora"):
@@ -271,6 +336,113 @@ def qalora_group(config: dict) -> int | None:
         return qalora_declaration.declared_group(config)
     except qalora_declaration.DeclarationError as exc:
         raise _config_error(exc.detail + ".", exc.code) from None
+
+
+# --- rank_pattern / alpha_pattern keys ----------------------------------------------------
+# PEFT matches a key as the regex re.match(rf"(.*\.)?({key})$", module) (get_pattern_key in
+# peft.utils.other), so a key is code every PEFT user runs, and `(.|.){0,25}z` backtracks
+# for seconds per module (25 s in the security review). The hub accepts the forms people
+# write, parses them itself and matches them in linear time; with one quantifier per
+# alternative they also keep PEFT's own lookup cheap.
+
+PATTERN_KEY_FORMS = (
+    "module names or dotted suffixes of them (q_proj, model.layers.0.self_attn.q_proj), "
+    "alternatives joined by | (q_proj|v_proj), each optionally starting with ^ and ending with $, "
+    "made of letters, digits, _ and -, escaped dots \\., the classes [0-9] and \\d, the wildcard ., "
+    "and at most one * or + per alternative (layers\\.[0-9]+\\.mlp\\.down_proj)"
+)
+# A literal character, \. (a dot), \d (a Unicode digit, as in re), [0-9], or . (any character but \n).
+_ATOM = re.compile(r"[A-Za-z0-9_-]|\\[.d]|\[0-9\]|\.")
+_ANY, _DOT, _DIGIT, _ASCII_DIGIT = ".", r"\.", r"\d", "[0-9]"
+
+
+@dataclass(frozen=True)
+class _Alternative:
+    """One alternative of a key: head, then any number of `star` atoms (none: a
+    fixed-length alternative), then tail; `anchored` (^): no dotted prefix allowed."""
+    anchored: bool
+    head: tuple[str, ...]
+    star: str | None = None
+    tail: tuple[str, ...] = ()
+
+
+@lru_cache(maxsize=1024)
+def parse_pattern_key(key: str) -> tuple[_Alternative, ...] | None:
+    """The alternatives of an accepted rank_pattern / alpha_pattern key, None for any other form."""
+    if len(key) > MAX_PATTERN_CHARS:
+        return None
+    out = []
+    for text in key.split("|"):
+        anchored = text.startswith("^")
+        body = text[anchored:].removesuffix("$")
+        head, tail, star, pos = [], [], None, 0
+        while pos < len(body):
+            m = _ATOM.match(body, pos)
+            if m is None:
+                return None
+            atom, pos = m[0], m.end()
+            quantifier = body[pos] if pos < len(body) and body[pos] in "*+" else ""
+            if quantifier and star is not None:
+                return None
+            pos += len(quantifier)
+            if quantifier:
+                star = atom
+                if quantifier == "+":  # x+ is x x*
+                    head.append(atom)
+            else:
+                (head if star is None else tail).append(atom)
+        if not head and star is None:  # an empty alternative (q_proj|) would match any dotted name
+            return None
+        out.append(_Alternative(anchored, tuple(head), star, tuple(tail)))
+    return tuple(out)
+
+
+def _atom_matches(atom: str, ch: str) -> bool:
+    if atom == _ANY:
+        return ch != "\n"
+    if atom == _DOT:
+        return ch == "."
+    if atom == _DIGIT:
+        return ch.isdecimal()  # what re's \d matches in a str pattern
+    if atom == _ASCII_DIGIT:
+        return "0" <= ch <= "9"
+    return ch == atom
+
+
+def _all_match(atoms: tuple[str, ...], text: str, start: int) -> bool:
+    return all(_atom_matches(a, text[start + i]) for i, a in enumerate(atoms))
+
+
+class _Name:
+    """A module name with the positions PEFT's rule can match at, computed once for all keys."""
+
+    def __init__(self, module: str):
+        self.text = module
+        # Where the optional prefix `.*\.` can end: at 0, or after a dot with no newline before it.
+        cut = module.find("\n")
+        self.starts = [0] + [i + 1 for i, c in enumerate(module[:cut] if cut >= 0 else module) if c == "."]
+        self.start_set = set(self.starts)
+        # $ matches at the end, and before a newline that ends the name.
+        self.ends = (len(module), len(module) - 1) if module.endswith("\n") else (len(module),)
+
+    def matches(self, alternatives: tuple[_Alternative, ...]) -> bool:
+        r"""Whether re.match(rf"(.*\.)?({key})$", name) matches, in O(len(name) * len(key))."""
+        return any(self._matches(alt, n) for alt in alternatives for n in self.ends)
+
+    def _matches(self, alt: _Alternative, n: int) -> bool:
+        """Whether alt matches all of text[i:n] for one of the start positions."""
+        text, h, t = self.text, len(alt.head), len(alt.tail)
+        if alt.star is None:
+            i = n - h
+            return (i == 0 or (i in self.start_set and not alt.anchored)) and _all_match(alt.head, text, i)
+        if n - t < 0 or not _all_match(alt.tail, text, n - t):
+            return False
+        # The star's atoms must cover text[i + h : n - t]: find where their run ending at n - t begins.
+        run = n - t
+        while run > 0 and _atom_matches(alt.star, text[run - 1]):
+            run -= 1
+        candidates = self.starts[:1] if alt.anchored else self.starts
+        return any(run <= i + h <= n - t and _all_match(alt.head, text, i) for i in candidates)
 
 
 # --- LoRA shapes against the base -------------------------------------------------------
@@ -293,10 +465,14 @@ class AdapterSummary:
 
 
 def pattern_value(pattern: dict | None, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches
-    the module name as a dotted suffix (keys are regexes)."""
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that
+    matches the module's name (without "base_model.model."), or `default`."""
+    name = _Name(module)
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        alternatives = parse_pattern_key(key)
+        if alternatives is None:
+            raise _config_error(f"Unsupported rank_pattern / alpha_pattern key {key!r}.", "unsupported_pattern")
+        if name.matches(alternatives):
             return value
     return default
 
@@ -323,10 +499,17 @@ def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> Adapte
         numel_by_dtype[info["dtype"]] += numel
     if not pairs:
         raise ValidationError("not_lora", "The weights hold no lora_A / lora_B tensor.", field=WEIGHTS_FIELD)
+    keys = len(config.get("rank_pattern") or {})
+    if keys * len(pairs) > MAX_PATTERN_CHECKS:  # each module is tried against every key, as PEFT does
+        raise _config_error(
+            f"rank_pattern has {keys} keys for {len(pairs)} LoRA modules; the hub checks at most "
+            f"{MAX_PATTERN_CHECKS} (key, module) pairs. Name the modules whose rank differs from r.",
+            "unsupported_pattern")
 
     r = config.get("r", 8)
+    rank_of = cache(lambda module: pattern_value(config.get("rank_pattern"), module, r))  # asked twice a module
     swap = bool(config.get("fan_in_fan_out"))  # GPT-2 style Conv1D stores [in, out]
-    group = _check_qalora_reading(pairs, embeds, config, base_manifest, swap)
+    group = _check_qalora_reading(pairs, embeds, config, base_manifest, swap, rank_of)
     for module, found in sorted(pairs.items()):
         for have, miss in (("A", "B"), ("B", "A")):
             if have in found and miss not in found:
@@ -340,7 +523,7 @@ def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> Adapte
                 f"{module}: the base model has no weight {module}.weight; the adapter was probably trained for another base.",
                 field=WEIGHTS_FIELD,
             )
-        rank = pattern_value(config.get("rank_pattern"), module, r)
+        rank = rank_of(module)
         want = _expected_shapes(base["shape"], rank, embedding=module in embeds, swap=swap and module not in embeds,
                                 group=group)
         for f in ("A", "B"):
@@ -360,7 +543,8 @@ def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> Adapte
     )
 
 
-def _check_qalora_reading(pairs: dict, embeds: set, config: dict, base_manifest: dict, swap: bool) -> int | None:
+def _check_qalora_reading(pairs: dict, embeds: set, config: dict, base_manifest: dict, swap: bool,
+                          rank_of: Callable[[str], int]) -> int | None:
     """Which LoRA the linear pairs' shapes show, against what the config declares; returns the
     declared QA-LoRA group size (None: a plain LoRA).
 
@@ -375,7 +559,7 @@ def _check_qalora_reading(pairs: dict, embeds: set, config: dict, base_manifest:
         if module in embeds or "A" not in found or "B" not in found or base is None or len(base["shape"]) != 2:
             continue
         out_f, in_f = reversed(base["shape"]) if swap else base["shape"]
-        rank = pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+        rank = rank_of(module)
         a, b = found["A"][1], found["B"][1]
         if len(a) == 2 and a[0] == rank and list(b) == [out_f, rank]:
             rows.append((module, in_f, a[1]))

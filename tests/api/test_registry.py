@@ -321,21 +321,11 @@ def test_docs_page_served_without_cdn(client_for, db):
 
 
 def test_web_process_does_not_import_torch():
-    import subprocess
-    import sys
+    from tests.web_process import forbidden_modules_after
 
-    code = (
-        "import django, os, sys; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'hub.test_settings'); django.setup();"
-        "import hub.urls; from django.urls import get_resolver; get_resolver().url_patterns;"
-        "import hub.api.views, hub.hfcompat.views, frontend.urls;"
-        # adapters_ops.qalora_declaration (standard library only) is the one rule shared with the library
-        "shared = {'adapters_ops', 'adapters_ops.qalora_declaration'};"
-        "bad = [m for m in ('torch', 'transformers', 'peft', 'safetensors.torch') if m in sys.modules]"
-        " + [m for m in sys.modules if m.split('.')[0] == 'adapters_ops' and m not in shared];"
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    imports = ("import hub.urls; from django.urls import get_resolver; get_resolver().url_patterns\n"
+               "import hub.api.views, hub.hfcompat.views, frontend.urls")
+    assert forbidden_modules_after(imports) == []
 
 
 def test_downloads_count_full_gets_only(api, client_for, tiny_base, adapter_dir):
