@@ -477,8 +477,36 @@ def pattern_value(pattern: dict | None, module: str, default):
     return default
 
 
+# A string target_modules is a regex PEFT full-matches (Python's `re`) against every module name of
+# the base when the adapter is loaded. The hub runs it the same way, on the same names, in a child
+# process it kills after this budget: `re` holds the GIL and cannot be interrupted in the web process,
+# and a pattern that cannot match the names quickly would stall every user's load.
+TARGET_REGEX_BUDGET_S = 1.0
+_MATCH_ALL = ("import json, re, sys; p, names = json.load(sys.stdin); c = re.compile(p); "
+              "[c.fullmatch(n) for n in names]")
+
+
+def check_target_modules_regex(pattern: str, base_manifest: dict) -> None:
+    """Refuse a target_modules regex that takes too long on the base's module names (ReDoS)."""
+    import subprocess
+    import sys
+
+    names = sorted({name.rsplit(".", 1)[0] for name in base_manifest})
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_ALL], input=json.dumps([pattern, names]),
+                              capture_output=True, text=True, timeout=TARGET_REGEX_BUDGET_S)
+    except subprocess.TimeoutExpired:  # run() has killed the child
+        raise _config_error(f"target_modules {pattern!r} takes more than {TARGET_REGEX_BUDGET_S:g} s to match the "
+                            f"base's {len(names)} module names; PEFT would run it on every load. List the modules, "
+                            "or simplify the pattern.", "unsupported_pattern") from None
+    if done.returncode != 0:
+        raise _config_error(f"target_modules {pattern!r} is not a valid regex.")
+
+
 def check_lora_shapes(header: dict, config: dict, base_manifest: dict) -> AdapterSummary:
     """Check every LoRA pair in an adapter header against the base's manifest."""
+    if isinstance(config.get("target_modules"), str):
+        check_target_modules_regex(config["target_modules"], base_manifest)
     pairs: dict[str, dict[str, tuple[str, list]]] = {}  # module -> {"A"|"B": (key, shape)}
     embeds: set[str] = set()
     numel_by_dtype: Counter = Counter()

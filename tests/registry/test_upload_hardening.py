@@ -318,3 +318,48 @@ def test_content_disposition_round_trips(path, fallback, disposition):
     # ... and one that knows filename* (RFC 6266: it wins) the exact name.
     kind, params = parse_header_parameters(value)
     assert kind == disposition and params["filename"] == path.rsplit("/", 1)[-1]
+
+
+# --- target_modules as a regex -----------------------------------------------------------------
+
+
+def llama_manifest(layers: int = 30) -> dict:
+    return {f"model.layers.{i}.self_attn.{p}.weight": {"shape": [64, 64], "dtype": "F32"}
+            for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", "q_proj", r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
+                                     r"(?:.*?(?:self_attn|mlp).*?(?:q_proj|v_proj).*?)"])
+def test_a_realistic_target_modules_regex_passes(pattern):
+    started = time.perf_counter()
+    v.check_target_modules_regex(pattern, llama_manifest())
+    assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize("pattern", ["(.|.|.)*z", "(.|.){0,25}z"])
+def test_a_catastrophic_target_modules_regex_is_refused_in_bounded_time(pattern):
+    """PEFT full-matches target_modules with `re` on every module name at load; these never finish."""
+    started = time.perf_counter()
+    with pytest.raises(ValidationError) as info:
+        v.check_target_modules_regex(pattern, llama_manifest())
+    assert info.value.code == "unsupported_pattern" and "module names" in info.value.detail
+    assert time.perf_counter() - started < v.TARGET_REGEX_BUDGET_S + 1
+
+
+def test_an_invalid_target_modules_regex_is_a_config_error():
+    with pytest.raises(ValidationError) as info:
+        v.check_target_modules_regex("(q_proj", llama_manifest(1))
+    assert info.value.code == "invalid_config"
+
+
+def test_the_evil_target_modules_upload_is_a_400(api, tiny_base, make_peft_adapter):
+    folder = make_peft_adapter("evil-targets", r=4)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["target_modules"] = "(.|.|.)*z"
+    files = [SimpleUploadedFile("adapter_config.json", json.dumps(cfg).encode()),
+             SimpleUploadedFile("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes())]
+    started = time.perf_counter()
+    r = api.post("/api/v1/adapters/", {"name": "alice/evil-targets", "base_model": "tiny-base", "files": files},
+                 format="multipart")
+    assert r.status_code == 400 and r.json()["error"] == "unsupported_pattern", r.content
+    assert time.perf_counter() - started < v.TARGET_REGEX_BUDGET_S + 2
