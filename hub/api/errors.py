@@ -2,7 +2,8 @@
 
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.http import Http404, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_handler
@@ -54,3 +55,10 @@ def exception_handler(exc, context):
             body["fields"] = exc.detail
         response.data = body
     return response
+
+
+@csrf_exempt  # as DRF's views are: a DELETE to a wrong path is a 404, not a CSRF page
+def no_such_route(request, *args, **kwargs):
+    """A path under an API collection that matches no route (an id with a '/',
+    a newline or a character names cannot have): the API's 404, not Django's HTML page."""
+    return JsonResponse({"error": "not_found", "detail": "No such API route."}, status=404)

@@ -4,12 +4,14 @@ another user's job is a 404, indistinguishable from a missing one."""
 
 import uuid
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, permissions, status
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from hub.api import serializers as s
+from hub.api.base import ApiView
+from hub.api.schema import error
 from hub.registry import jobs, selectors
 from hub.registry.models import Job
 from hub.registry.selectors import NotFound
@@ -48,6 +50,7 @@ def _filter(qs, qp):
     return qs
 
 
+JOB_ID = OpenApiParameter("id", OpenApiTypes.UUID, OpenApiParameter.PATH)
 FILTERS = [
     OpenApiParameter("status", str, description="queued, running, succeeded, failed or cancelled (comma-separated)"),
     OpenApiParameter("op", str),
@@ -55,7 +58,7 @@ FILTERS = [
 ]
 
 
-class JobList(generics.ListAPIView):
+class JobList(ApiView, generics.ListAPIView):
     serializer_class = s.JobSerializer
     permission_classes = [permissions.IsAuthenticated]
 
@@ -74,24 +77,24 @@ class JobList(generics.ListAPIView):
         return Response(s.JobSerializer(job_get(request.user, job.pk)).data, status=status.HTTP_201_CREATED)
 
 
-class JobDetail(APIView):
+class JobDetail(ApiView):
     permission_classes = [permissions.IsAuthenticated]
 
-    @extend_schema(responses=s.JobSerializer)
+    @extend_schema(parameters=[JOB_ID], responses=s.JobSerializer)
     def get(self, request, pk):
         return Response(s.JobSerializer(job_get(request.user, pk)).data)
 
 
-class JobCancel(APIView):
+class JobCancel(ApiView):
     permission_classes = [permissions.IsAuthenticated]
 
-    @extend_schema(request=None, responses=s.JobSerializer)
+    @extend_schema(parameters=[JOB_ID], request=None, responses={200: s.JobSerializer, 409: error(409)})
     def post(self, request, pk):
         job = jobs.job_cancel(job=job_get(request.user, pk))
         return Response(s.JobSerializer(job_get(request.user, job.pk)).data)
 
 
-class AdapterJobs(generics.ListAPIView):
+class AdapterJobs(ApiView, generics.ListAPIView):
     """The caller's jobs on one adapter (the adapter must be visible)."""
 
     serializer_class = s.JobSerializer

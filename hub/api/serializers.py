@@ -5,7 +5,7 @@ from hub.registry.selectors import refs_of
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
-    successor = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    successor = serializers.SlugRelatedField(slug_field="slug", read_only=True, allow_null=True)
     files = serializers.SerializerMethodField()
     architectures = serializers.SerializerMethodField()
     adapters = serializers.IntegerField(source="adapters.count", read_only=True)

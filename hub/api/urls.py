@@ -1,7 +1,7 @@
 from django.urls import path, re_path
 
+from . import errors, views
 from . import jobs as job_views
-from . import views
 from . import webhooks as webhook_views
 
 app_name = "api"
@@ -28,4 +28,7 @@ urlpatterns = [
     path("webhooks/<str:pk>/ping", webhook_views.WebhookPing.as_view(), name="webhook-ping"),
     path("webhooks/<str:pk>/rotate-secret", webhook_views.WebhookRotateSecret.as_view(), name="webhook-rotate"),
     path("webhooks/<str:pk>/deliveries", webhook_views.WebhookDeliveries.as_view(), name="webhook-deliveries"),
+    # Last. Only the collections' own prefixes: other paths under api/v1/ fall through to the
+    # HF-compatible routes (a repo `api/v1`).
+    re_path(r"^(?:me|base-models|adapters|jobs|webhooks)(?:/[\s\S]*)?$", errors.no_such_route),
 ]

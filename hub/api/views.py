@@ -1,15 +1,19 @@
 """REST API v1. Views stay thin: parse, call a service or selector, serialize.
 Visibility comes from `Adapter.objects.visible_to` (see AdapterScoped)."""
 
+import re
+
 from django.db.models import Q
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, permissions, status
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from hub.api import serializers as s
+from hub.api.base import ApiView
 from hub.api.downloads import blob_response
+from hub.api.schema import error
 from hub.registry import plans, selectors, services
 from hub.registry.models import Adapter, BaseModel
 from hub.registry.services import IncomingFile
@@ -28,7 +32,7 @@ def split_tags(raw) -> list[str]:
     return [t.strip() for t in (raw or "").split(",") if t.strip()]
 
 
-class Me(APIView):
+class Me(ApiView):
     permission_classes = [permissions.IsAuthenticated]
 
     @extend_schema(responses={200: dict})
@@ -41,7 +45,7 @@ class Me(APIView):
 # --- base models ---------------------------------------------------------------
 
 
-class BaseModelList(generics.ListCreateAPIView):
+class BaseModelList(ApiView, generics.ListCreateAPIView):
     queryset = BaseModel.objects.select_related("successor").prefetch_related("files__blob")
     serializer_class = s.BaseModelSerializer
     parser_classes = [MultiPartParser, FormParser]
@@ -53,7 +57,8 @@ class BaseModelList(generics.ListCreateAPIView):
                 qs = qs.filter(**{field: self.request.query_params[field]})
         return qs
 
-    @extend_schema(request=s.BaseModelCreateSerializer, responses={201: s.BaseModelDetailSerializer})
+    @extend_schema(request=s.BaseModelCreateSerializer,
+                   responses={201: s.BaseModelDetailSerializer, 409: error(409), 413: error(413)})
     def post(self, request):
         if not request.user.is_staff:
             return Response({"error": "forbidden", "detail": "Only staff may register base models."}, status=403)
@@ -67,7 +72,7 @@ class BaseModelList(generics.ListCreateAPIView):
         return Response(s.BaseModelDetailSerializer(base).data, status=status.HTTP_201_CREATED)
 
 
-class BaseModelDetail(APIView):
+class BaseModelDetail(ApiView):
     @extend_schema(responses=s.BaseModelDetailSerializer)
     def get(self, request, slug):
         base = selectors.base_model_get(slug)
@@ -87,7 +92,7 @@ class BaseModelDetail(APIView):
         return Response(s.BaseModelDetailSerializer(base).data)
 
 
-class BaseModelDeprecate(APIView):
+class BaseModelDeprecate(ApiView):
     @extend_schema(request=s.DeprecateSerializer, responses=s.BaseModelDetailSerializer)
     def post(self, request, slug):
         base = selectors.base_model_get(slug)
@@ -104,7 +109,10 @@ class BaseModelDeprecate(APIView):
 # --- adapters --------------------------------------------------------------------
 
 
-class AdapterList(generics.ListAPIView):
+SORTS = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size", "name": "name"}
+
+
+class AdapterList(ApiView, generics.ListAPIView):
     serializer_class = s.AdapterSerializer
     parser_classes = [MultiPartParser, FormParser]
 
@@ -112,7 +120,7 @@ class AdapterList(generics.ListAPIView):
         OpenApiParameter("base_model", str), OpenApiParameter("q", str), OpenApiParameter("tag", str),
         OpenApiParameter("kind", str), OpenApiParameter("owner", str), OpenApiParameter("r", int),
         OpenApiParameter("max_r", int), OpenApiParameter("target_module", str), OpenApiParameter("dtype", str),
-        OpenApiParameter("sort", str, enum=["updated", "created", "downloads", "size", "name"]),
+        OpenApiParameter("sort", str, enum=list(SORTS)),
     ])
     def get(self, request, *args, **kwargs):
         return super().get(request, *args, **kwargs)
@@ -135,16 +143,18 @@ class AdapterList(generics.ListAPIView):
         if qp.get("target_module"):
             qs = qs.filter(target_modules__icontains=f'"{qp["target_module"]}"')
         for key, lookup in (("r", "r"), ("max_r", "r__lte")):
-            if qp.get(key):
-                try:
-                    qs = qs.filter(**{lookup: int(qp[key])})
-                except ValueError:
-                    raise ValidationError("invalid_filter", f"{key} must be an integer.", field=key) from None
-        order = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size",
-                 "name": "name"}.get(qp.get("sort", "updated"), "-updated_at")
-        return qs.order_by(order, "id")
+            if key in qp:
+                # Not int(): it also reads "٣", " 3" and "3_0".
+                if not re.fullmatch(r"-?[0-9]+", qp[key]):
+                    raise ValidationError("invalid_filter", f"{key} must be an integer.", field=key)
+                qs = qs.filter(**{lookup: int(qp[key])})
+        sort = qp.get("sort", "updated")
+        if sort not in SORTS:
+            raise ValidationError("invalid_filter", f"sort must be one of {', '.join(SORTS)}.", field="sort")
+        return qs.order_by(SORTS[sort], "id")
 
-    @extend_schema(request={"multipart/form-data": s.AdapterCreateSerializer}, responses={201: s.AdapterDetailSerializer})
+    @extend_schema(request={"multipart/form-data": s.AdapterCreateSerializer},
+                   responses={201: s.AdapterDetailSerializer, 409: error(409), 413: error(413)})
     def post(self, request):
         if not request.user.is_authenticated:
             raise services.Forbidden("Sign in (a token) to upload.")
@@ -168,7 +178,7 @@ class AdapterList(generics.ListAPIView):
         return Response(s.AdapterDetailSerializer(adapter).data, status=status.HTTP_201_CREATED)
 
 
-class AdapterDetail(APIView):
+class AdapterDetail(ApiView):
     @extend_schema(responses=s.AdapterDetailSerializer)
     def get(self, request, owner, name):
         return Response(s.AdapterDetailSerializer(selectors.adapter_get(request.user, owner, name)).data)
@@ -196,7 +206,7 @@ class AdapterDetail(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class RevisionList(generics.ListAPIView):
+class RevisionList(ApiView, generics.ListAPIView):
     serializer_class = s.RevisionSerializer
 
     def get_queryset(self):
@@ -204,17 +214,26 @@ class RevisionList(generics.ListAPIView):
         return adapter.revisions.select_related("base_model").prefetch_related("files__blob", "refs")
 
 
-class Lineage(APIView):
+class Lineage(ApiView):
     @extend_schema(responses=dict)
     def get(self, request, owner, name):
         adapter = selectors.adapter_get(request.user, owner, name)
         return Response(selectors.lineage(request.user, adapter))
 
 
-class AdapterFile(APIView):
+# What blob_response answers besides the whole file (Range and If-None-Match requests).
+FILE_RESPONSES = {
+    (200, "application/octet-stream"): OpenApiTypes.BINARY,
+    (206, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, description="The byte range asked for."),
+    304: OpenApiResponse(description="Not modified: If-None-Match named this file's ETag."),
+    416: OpenApiResponse(description="The range lies past the end of the file."),
+}
+
+
+class AdapterFile(ApiView):
     """GET/HEAD one file of a revision: streamed, Range, ETag = sha256."""
 
-    @extend_schema(parameters=[OpenApiParameter("revision", str)], responses={(200, "application/octet-stream"): bytes})
+    @extend_schema(parameters=[OpenApiParameter("revision", str)], responses=FILE_RESPONSES)
     def get(self, request, owner, name, path):
         adapter = selectors.adapter_get(request.user, owner, name)
         rev = selectors.revision_resolve(adapter, request.query_params.get("revision"))
@@ -225,8 +244,8 @@ class AdapterFile(APIView):
         return blob_response(request, blob, path, {"X-Revision": rev.sha})
 
 
-class BaseModelFile(APIView):
-    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+class BaseModelFile(ApiView):
+    @extend_schema(responses=FILE_RESPONSES)
     def get(self, request, slug, path):
         base = selectors.base_model_get(slug)
         f = base.files.select_related("blob").filter(path=path).first()

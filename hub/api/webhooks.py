@@ -2,25 +2,28 @@
 subscribes to events about its adapters, sees each delivery and can send a
 test ping. Webhooks of namespaces the caller cannot write are a 404."""
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, permissions, status
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from hub.api import serializers as s
+from hub.api.base import ApiView
 from hub.registry import webhooks
 from hub.registry.models import Webhook
 from hub.registry.selectors import NotFound
 
+HOOK_ID = OpenApiParameter("id", int, OpenApiParameter.PATH)
 
-def webhook_get(user, pk) -> Webhook:
-    hook = webhooks.webhooks_visible_to(user).filter(pk=pk).first() if str(pk).isdigit() else None
+
+def webhook_get(user, pk: str) -> Webhook:
+    # isdigit() passes "¹", which int() refuses, and int() reads "٣" as 3: ids are ASCII digits only.
+    hook = webhooks.webhooks_visible_to(user).filter(pk=int(pk)).first() if pk.isascii() and pk.isdecimal() else None
     if hook is None:
         raise NotFound("webhook_not_found", f"Webhook {pk} does not exist or is not yours.")
     return hook
 
 
-class WebhookList(generics.ListAPIView):
+class WebhookList(ApiView, generics.ListAPIView):
     serializer_class = s.WebhookSerializer
     permission_classes = [permissions.IsAuthenticated]
 
@@ -38,7 +41,8 @@ class WebhookList(generics.ListAPIView):
         return Response(s.WebhookCreatedSerializer(hook).data, status=status.HTTP_201_CREATED)
 
 
-class WebhookDetail(APIView):
+@extend_schema(parameters=[HOOK_ID])
+class WebhookDetail(ApiView):
     permission_classes = [permissions.IsAuthenticated]
 
     @extend_schema(responses=s.WebhookSerializer)
@@ -59,7 +63,8 @@ class WebhookDetail(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class WebhookRotateSecret(APIView):
+@extend_schema(parameters=[HOOK_ID])
+class WebhookRotateSecret(ApiView):
     permission_classes = [permissions.IsAuthenticated]
 
     @extend_schema(request=None, responses=s.WebhookCreatedSerializer)
@@ -68,7 +73,8 @@ class WebhookRotateSecret(APIView):
         return Response(s.WebhookCreatedSerializer(hook).data)
 
 
-class WebhookPing(APIView):
+@extend_schema(parameters=[HOOK_ID])
+class WebhookPing(ApiView):
     permission_classes = [permissions.IsAuthenticated]
 
     @extend_schema(request=None, responses={202: s.WebhookDeliverySerializer})
@@ -77,7 +83,8 @@ class WebhookPing(APIView):
         return Response(s.WebhookDeliverySerializer(delivery).data, status=status.HTTP_202_ACCEPTED)
 
 
-class WebhookDeliveries(generics.ListAPIView):
+@extend_schema(parameters=[HOOK_ID])
+class WebhookDeliveries(ApiView, generics.ListAPIView):
     serializer_class = s.WebhookDeliverySerializer
     permission_classes = [permissions.IsAuthenticated]
 

@@ -14,7 +14,8 @@ def _cli():
 
 
 def _path(hook_id: str, tail: str = "") -> str:
-    if not hook_id.isdigit():
+    # isdigit() passes "¹" and isdecimal() "٣": neither is an id the server knows.
+    if not (hook_id.isascii() and hook_id.isdecimal()):
         raise UserError(f"{hook_id!r} is not a webhook id (a number; see `hubctl webhook list`).")
     return f"{API}/webhooks/{hook_id}/{tail}"
 

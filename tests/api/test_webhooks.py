@@ -51,6 +51,8 @@ def test_verify_rejects_tampering_other_secrets_and_replays():
     old = signed_headers(secret, "d1", body, timestamp=int(time.time()) - 3600)
     assert not verify(secret, old, body)
     assert not verify(secret, {k: v for k, v in headers.items() if k != "webhook-signature"}, body)
+    for odd in ("¹", "٣٣", "1e3", " 12"):  # not ASCII digits: refused, never a crash in int()
+        assert not verify(secret, {**headers, "webhook-timestamp": odd}, body)
 
 
 # --- routes ----------------------------------------------------------------------------------
