@@ -2,6 +2,7 @@ from django.urls import path, re_path
 
 from . import errors, views
 from . import jobs as job_views
+from . import tokens as token_views
 from . import webhooks as webhook_views
 
 app_name = "api"
@@ -10,6 +11,7 @@ OWNER_NAME = r"(?P<owner>[A-Za-z0-9][A-Za-z0-9._-]*)/(?P<name>[A-Za-z0-9][A-Za-z
 
 urlpatterns = [
     path("me", views.Me.as_view(), name="me"),
+    path("tokens/", token_views.TokenList.as_view(), name="token-list"),
     path("base-models/", views.BaseModelList.as_view(), name="base-model-list"),
     path("base-models/<str:slug>/", views.BaseModelDetail.as_view(), name="base-model-detail"),
     path("base-models/<str:slug>/deprecate", views.BaseModelDeprecate.as_view(), name="base-model-deprecate"),
@@ -30,5 +32,5 @@ urlpatterns = [
     path("webhooks/<str:pk>/deliveries", webhook_views.WebhookDeliveries.as_view(), name="webhook-deliveries"),
     # Last. Only the collections' own prefixes: other paths under api/v1/ fall through to the
     # HF-compatible routes (a repo `api/v1`).
-    re_path(r"^(?:me|base-models|adapters|jobs|webhooks)(?:/[\s\S]*)?$", errors.no_such_route),
+    re_path(r"^(?:me|tokens|base-models|adapters|jobs|webhooks)(?:/[\s\S]*)?$", errors.no_such_route),
 ]

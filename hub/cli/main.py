@@ -12,6 +12,7 @@ import getpass
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 from contextlib import ExitStack
@@ -177,8 +178,14 @@ def cmd_login(args) -> int:
         raise UserError("No token given. Pass --token, or type it at the prompt (`python manage.py hubtoken USER`).")
     with Client(token=token) as c:
         me = c.get(f"{API}/me")
+        if args.expires:  # store a new token of that lifetime, minted with the one given
+            new = c.post(f"{API}/tokens/", {"name": f"hubctl login ({platform.node() or 'host'})"[:64],
+                                            "expires": args.expires})
+            token = new["token"]
     path = store_token(token)
     out(f"Logged in to {c.url} as {me['username']}. Token stored in {path}.")
+    if args.expires:
+        out(f"The stored token expires at {new['expires_at']}; the token you gave stays valid until you revoke it.")
     if os.environ.get("HUB_TOKEN") and os.environ["HUB_TOKEN"] != token:
         note("note: HUB_TOKEN is set in the environment and takes precedence over the stored token.")
     return 0
@@ -809,6 +816,8 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("login", help="store an API token (verified with the hub)")
     s.add_argument("--token", help="the token (default: read from stdin or a prompt)")
+    s.add_argument("--expires", metavar="LIFETIME",
+                   help="store a new token that expires after LIFETIME (30d, 12h, 90m) instead of the one given")
     s.set_defaults(func=cmd_login)
     s = sub.add_parser("whoami", help="who the token belongs to", parents=[as_json])
     s.set_defaults(func=cmd_whoami)

@@ -198,6 +198,25 @@ def test_login_stores_token_and_whoami(hub, hubctl, tokens, monkeypatch, tmp_pat
 
 
 @live
+def test_login_with_expires_stores_a_new_expiring_token(hub, hubctl, tokens, user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from hub.registry.models import ApiToken
+
+    r = hubctl("login", "--token", tokens["alice"], "--expires", "30d")
+    assert r.code == 0 and "expires at" in r.out, r.err
+    stored = Path(os.environ["HUBCTL_CONFIG"]).read_text().strip()
+    assert stored != tokens["alice"]
+    minted = ApiToken.objects.get(key_hash=ApiToken.hash(stored))
+    assert minted.user == user and abs(minted.expires_at - (timezone.now() + timedelta(days=30))) < timedelta(minutes=2)
+    assert hubctl("whoami").code == 0
+    assert_clean_failure(hubctl("login", "--token", tokens["alice"], "--expires", "soon"), 1, "30d")
+    assert Path(os.environ["HUBCTL_CONFIG"]).read_text().strip() == stored  # a refused login stores nothing
+
+
+@live
 def test_login_reads_the_token_from_stdin(hub, hubctl, tokens, monkeypatch):
     import io
 

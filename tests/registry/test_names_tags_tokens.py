@@ -122,3 +122,14 @@ def test_hubtoken_takes_an_expiry_and_refuses_a_bad_one_before_creating_anything
     with pytest.raises(CommandError, match="30d"):
         call_command("hubtoken", "dave", "--create-user", "--expires", "soon")
     assert not get_user_model().objects.filter(username="dave").exists()
+
+
+def test_the_tokens_route_lists_without_values_and_mints_expiring_tokens(api, user, client_for):
+    r = api.post("/api/v1/tokens/", {"name": "ci", "expires": "12h"}, format="json")
+    assert r.status_code == 201, r.content
+    body = r.json()
+    assert body["token"].startswith("hub_") and body["name"] == "ci" and body["expires_at"]
+    listed = api.get("/api/v1/tokens/").json()["results"]
+    assert {t["name"] for t in listed} >= {"ci"} and all("token" not in t for t in listed)
+    assert api.post("/api/v1/tokens/", {"name": "x", "expires": "forever"}, format="json").status_code == 400
+    assert client_for(None).get("/api/v1/tokens/").status_code == 401
