@@ -66,16 +66,21 @@ def stored_token() -> str | None:
         return None
 
 
-def store_token(token: str) -> Path:
-    """Write the token readable by its owner only (0600), atomically."""
-    path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (0600), atomically."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token.strip() + "\n")
+        f.write(text.strip() + "\n")
     os.chmod(tmp, 0o600)  # in case the file existed with looser bits
     os.replace(tmp, path)
+
+
+def store_token(token: str) -> Path:
+    """Write the token where `login` keeps it, readable by its owner only."""
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(path, token)
     return path
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from hub.cli.client import ServerError, UserError, store_token, token_path
+from hub.cli.client import ServerError, UserError, store_token, token_path, write_private
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `hub` package
 STOP_GRACE = float(os.environ.get("HUB_STOP_GRACE", "10"))
@@ -280,16 +280,6 @@ def redis_argv(port: int, rdir: Path) -> list[str]:
         "--pidfile", str(rdir / "redis.pid"), "--daemonize", "no", "--appendonly", "yes",
         "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes", "--loglevel", "warning",
     ]
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only (0600), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text.strip() + "\n")
-    os.chmod(tmp, 0o600)  # in case the file existed with looser bits
-    os.replace(tmp, path)
 
 
 def ensure_secret_key(home: Path) -> None:
