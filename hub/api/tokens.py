@@ -3,6 +3,7 @@ shows (never a token's value); creating answers the new value once, as the UI do
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, permissions, serializers, status
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 
 from hub.api.base import ApiView
@@ -18,7 +19,7 @@ class TokenSerializer(serializers.ModelSerializer):
 
 
 class TokenCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=64, default="default", help_text="a reminder of where it is used")
+    name = serializers.CharField(max_length=64, help_text="a reminder of where it is used")
     expires = serializers.CharField(max_length=16, required=False, allow_blank=True, default="",
                                     help_text="lifetime: 30d, 12h, 90m, or empty / 'never'")
 
@@ -34,6 +35,7 @@ class TokenCreatedSerializer(TokenSerializer):
 class TokenList(ApiView, generics.ListAPIView):
     serializer_class = TokenSerializer
     permission_classes = [permissions.IsAuthenticated]
+    parser_classes = [JSONParser]  # a JSON object with a name: anything else is refused, never a default token
 
     def get_queryset(self):
         return self.request.user.api_tokens.order_by("-created_at", "-id")

@@ -133,3 +133,12 @@ def test_the_tokens_route_lists_without_values_and_mints_expiring_tokens(api, us
     assert {t["name"] for t in listed} >= {"ci"} and all("token" not in t for t in listed)
     assert api.post("/api/v1/tokens/", {"name": "x", "expires": "forever"}, format="json").status_code == 400
     assert client_for(None).get("/api/v1/tokens/").status_code == 401
+
+
+def test_the_tokens_route_refuses_a_body_without_a_name(api):
+    from hub.registry.models import ApiToken
+
+    before = ApiToken.objects.count()
+    assert api.post("/api/v1/tokens/", {}, format="json").status_code == 400
+    assert api.post("/api/v1/tokens/", {"name": "x"}, format="multipart").status_code == 415
+    assert ApiToken.objects.count() == before
