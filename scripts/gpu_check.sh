@@ -31,7 +31,7 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --f
 # --noconftest: Django is not installed on the device; the model fixtures these tests need come
 # from the Django-free plugin tests/model_fixtures.py.
 step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider --noconftest -p tests.model_fixtures -o addopts= -m gpu \
-  tests/kernels tests/ops/test_compeft.py tests/ops/test_merge.py
+  tests/kernels tests/ops/test_compeft.py tests/ops/test_merge.py tests/ops/test_merge_library.py
 # Timings.
 step bench_int4 60 "$PY" benchmarks/bench_int4.py --batches 1 16 64
 step bench_ternary 60 "$PY" -c "

@@ -370,3 +370,27 @@ def test_model_card_facts_show_the_captured_energy():
     text = card.render_card({"library_name": "peft"}, title="alice/m", description="", facts=list(rows.items()),
                             usage="")
     assert "| captured energy (min / mean over modules) | 0.9912 / 0.9950" in text
+
+
+# --- on a GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
+def test_full_auto_masks_and_dense_updates_on_cuda(ads, method):
+    """The same contracts on device='cuda': rank='full' stores the dense update exactly, rank='auto'
+    keeps its energy, and the public DARE masks are the ones the merge drew (CUDA's generator)."""
+    updates = M.dense_updates(ads, WEIGHTS, method, density=0.5, seed=4, device="cuda")
+    full = M.merge(ads, WEIGHTS, method, density=0.5, rank="full", seed=4, device="cuda")
+    auto = M.merge_with_report(ads, WEIGHTS, method, density=0.5, rank="auto", energy=0.95, seed=4, device="cuda")
+    assert all(t.device.type == "cpu" for t in full.tensors.values())
+    assert auto.report.min_energy >= 0.95 - 1e-6
+    masks = M.dare_masks(ads, 0.5, seed=4, device="cuda")
+    for module in SHAPES:
+        dense = updates[module]
+        assert dense.is_cuda
+        assert rel(product(full, module), dense.double().cpu()) < 1e-5, module
+        if method == "dare_linear":
+            by_hand = sum(m.double().cpu() * t for m, t in zip(masks[module], taus(ads, WEIGHTS, module), strict=True))
+            assert rel(dense.double().cpu(), by_hand / 0.5) < 1e-5, module
