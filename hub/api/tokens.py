@@ -18,10 +18,19 @@ class TokenSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class StrictCharField(serializers.CharField):
+    """Only a JSON string: DRF's CharField would take 5 or true as "5" / "True"."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class TokenCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=64, help_text="a reminder of where it is used")
-    expires = serializers.CharField(max_length=16, required=False, allow_blank=True, default="",
-                                    help_text="lifetime: 30d, 12h, 90m, or empty / 'never'")
+    name = StrictCharField(max_length=64, help_text="a reminder of where it is used")
+    expires = StrictCharField(max_length=16, required=False, allow_blank=True, default="",
+                              help_text="lifetime: 30d, 12h, 90m, or empty / 'never'")
 
 
 class TokenCreatedSerializer(TokenSerializer):

@@ -140,5 +140,7 @@ def test_the_tokens_route_refuses_a_body_without_a_name(api):
 
     before = ApiToken.objects.count()
     assert api.post("/api/v1/tokens/", {}, format="json").status_code == 400
+    assert api.post("/api/v1/tokens/", {"name": -441}, format="json").status_code == 400  # found by the fuzzer
+    assert api.post("/api/v1/tokens/", {"name": "x", "expires": 30}, format="json").status_code == 400
     assert api.post("/api/v1/tokens/", {"name": "x"}, format="multipart").status_code == 415
     assert ApiToken.objects.count() == before
