@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import _LORA_KEY, Adapter, as_adapter
+from .adapter import _LORA_KEY, PEFT_PREFIX, Adapter, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
-
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .adapter import Adapter, as_adapter
+from .adapter import PEFT_PREFIX, Adapter, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
 
 __all__ = [
@@ -80,7 +80,6 @@ __all__ = [
 
 ModulesMode = Literal["strict", "union", "intersection"]
 Rank = int | Literal["auto", "full"] | None
-_PEFT_PREFIX = "base_model.model."
 DEFAULT_ENERGY = 0.99  # the fraction of each module's energy rank="auto" keeps unless told otherwise
 
 
@@ -844,7 +843,7 @@ def _output_config(adapters: list[Adapter], ranks: dict[str, int], mode: str) ->
     cfg = copy.deepcopy(adapters[0].config)
     r = max(ranks.values())
     # Scaling is folded into B: every module has alpha == rank, so scaling == 1.
-    pattern = {m.removeprefix(_PEFT_PREFIX): k for m, k in ranks.items() if k != r}
+    pattern = {m.removeprefix(PEFT_PREFIX): k for m, k in ranks.items() if k != r}
     cfg.update(
         r=r, lora_alpha=r, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
         use_dora=False,

@@ -73,7 +73,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import qalora_declaration as declaration
-from .adapter import Adapter, AdapterLike, as_adapter
+from .adapter import PEFT_PREFIX, Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
 from .evaluate import SELECTIONS, SeedSelection, seed_check
 from .evaluate import sft_batch as _sft_batch
@@ -85,7 +85,6 @@ BITS = (2, 3, 4, 8)
 # QA-LoRA, at 8/4/2 extra bits a weight for fp16 scales and zeros); 32..128 are the usual sizes.
 GROUP_SIZES = (4, 8, 16, 32, 64, 128)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."
 FORMAT = "adapter-hub-qint"
 FORMAT_VERSION = "1"
 QUANT_FILE = "quantized.safetensors"

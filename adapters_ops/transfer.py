@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import _LORA_KEY, Adapter, AdapterLike, as_adapter
+from .adapter import _LORA_KEY, PEFT_PREFIX, Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, CorruptFile, IncompatibleAdapters
 from .evaluate import sft_batch as _sft_batch
 
@@ -77,7 +77,6 @@ __all__ = [
 
 Progress = Callable[[float, str], None] | None
 
-PEFT_PREFIX = "base_model.model."
 EXTRA_NAME = "diff_extra.safetensors"  # dense diffs extract() cannot express as LoRA (norms, embeddings)
 REPORT_NAME = "extract_report.json"
 INDEX_NAME = "model.safetensors.index.json"
