@@ -1,11 +1,10 @@
 from rest_framework.pagination import PageNumberPagination
 
-from hub.registry.validation import ValidationError
+from hub.registry.validation import ValidationError, ascii_digits
 
 
 def _positive(raw: str) -> bool:
-    # ASCII digits only: isdigit() passes "¹", which int() refuses.
-    return raw.isascii() and raw.isdecimal() and int(raw) >= 1
+    return ascii_digits(raw) and int(raw) >= 1
 
 
 class Pagination(PageNumberPagination):

@@ -1,7 +1,6 @@
 """REST API v1. Views stay thin: parse, call a service or selector, serialize.
 Visibility comes from `Adapter.objects.visible_to` (see AdapterScoped)."""
 
-import re
 
 from django.db.models import Q
 from drf_spectacular.types import OpenApiTypes
@@ -17,7 +16,7 @@ from hub.api.schema import error
 from hub.registry import plans, selectors, services
 from hub.registry.models import Adapter, BaseModel
 from hub.registry.services import IncomingFile
-from hub.registry.validation import ValidationError
+from hub.registry.validation import ValidationError, ascii_digits
 
 
 def incoming(uploaded) -> IncomingFile:
@@ -144,8 +143,7 @@ class AdapterList(ApiView, generics.ListAPIView):
             qs = qs.filter(target_modules__icontains=f'"{qp["target_module"]}"')
         for key, lookup in (("r", "r"), ("max_r", "r__lte")):
             if key in qp:
-                # Not int(): it also reads "٣", " 3" and "3_0".
-                if not re.fullmatch(r"-?[0-9]+", qp[key]):
+                if not ascii_digits(qp[key].removeprefix("-")):
                     raise ValidationError("invalid_filter", f"{key} must be an integer.", field=key)
                 qs = qs.filter(**{lookup: int(qp[key])})
         sort = qp.get("sort", "updated")

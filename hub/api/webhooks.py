@@ -11,13 +11,13 @@ from hub.api.base import ApiView
 from hub.registry import webhooks
 from hub.registry.models import Webhook
 from hub.registry.selectors import NotFound
+from hub.registry.validation import ascii_digits
 
 HOOK_ID = OpenApiParameter("id", int, OpenApiParameter.PATH)
 
 
 def webhook_get(user, pk: str) -> Webhook:
-    # isdigit() passes "¹", which int() refuses, and int() reads "٣" as 3: ids are ASCII digits only.
-    hook = webhooks.webhooks_visible_to(user).filter(pk=int(pk)).first() if pk.isascii() and pk.isdecimal() else None
+    hook = webhooks.webhooks_visible_to(user).filter(pk=int(pk)).first() if ascii_digits(pk) else None
     if hook is None:
         raise NotFound("webhook_not_found", f"Webhook {pk} does not exist or is not yours.")
     return hook

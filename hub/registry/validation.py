@@ -254,6 +254,13 @@ def content_disposition(path: str, disposition: str = "attachment") -> str:
 _NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
 
 
+def ascii_digits(text: str) -> bool:
+    """Whether `text` is a non-negative integer written in ASCII digits, the only form the
+    hub reads as a number from a path, a query or a header: str.isdigit() passes "¹" (which
+    int() refuses), and int() reads "٣", " 3" and "3_0"."""
+    return text.isascii() and text.isdecimal()
+
+
 def _config_error(detail: str, code: str = "invalid_config") -> ValidationError:
     return ValidationError(code, detail, field="adapter_config.json")
 
