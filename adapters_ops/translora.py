@@ -49,6 +49,7 @@ from typing import Protocol
 
 import torch
 
+from . import opspecs
 from ._zoo_train import deterministic  # fixed threads + deterministic kernels, restored after
 from .adapter import Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
@@ -83,8 +84,9 @@ __all__ = [
 ]
 
 STAGES = ("generate", "filter", "label", "distill", "evaluate")
-GENERATORS = ("auto", "target", "source", "mutation")
-DISCRIMINATORS = ("likelihood", "lora")
+# Declared with the op's other settings (a job's translora params are checked against them at submission).
+GENERATORS = opspecs.TRANSLORA_GENERATORS
+DISCRIMINATORS = opspecs.TRANSLORA_DISCRIMINATORS
 # Share of the progress bar each stage fills (distillation dominates the time).
 _SPAN = {"generate": (0.0, 0.15), "filter": (0.15, 0.35), "label": (0.35, 0.45), "distill": (0.45, 0.95),
          "evaluate": (0.95, 1.0)}

@@ -19,6 +19,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from adapters_ops import opspecs
 from hub.registry import jobs as job_services
 from hub.registry import plans, selectors, services
 from hub.registry import webhooks as webhook_services
@@ -27,7 +28,7 @@ from hub.registry.querysets import owner_names
 from hub.registry.selectors import NotFound
 from hub.registry.validation import ValidationError
 
-from . import forms, graph
+from . import forms, graph, job_forms
 
 PAGE_SIZE = 24
 FILE_FIELDS = {"files", services.ADAPTER_CONFIG, services.ADAPTER_WEIGHTS}
@@ -149,9 +150,7 @@ def base_model_deprecate(request, slug):
 
 
 def _op_enabled(op: str) -> bool:
-    from workers import catalog
-
-    return op in catalog.OPS
+    return op in opspecs.OPS
 
 
 def _can_write(user, adapter) -> bool:
@@ -184,7 +183,7 @@ def _adapter_context(request, adapter, bound_form=None):
     can_write = _can_write(request.user, adapter)
     panels = []
     if can_write:
-        panels = forms.job_forms(adapter)
+        panels = job_forms.op_panels(adapter)
         if bound_form is not None:
             panels = [dict(p, form=bound_form) if p["op"] == bound_form.op else p for p in panels]
     recent_jobs = []
@@ -234,7 +233,7 @@ def job_start(request, owner, name):
     if not _can_write(request.user, adapter):
         return HttpResponseForbidden("You may not start jobs on this adapter.")
     op = request.POST.get("op", "")
-    form = forms.job_form(op, adapter, data=request.POST)
+    form = job_forms.op_form(op, adapter, data=request.POST)
     if form is None:
         return HttpResponse(f"Unknown op {op!r}.", status=400)
     job = None
@@ -248,9 +247,9 @@ def job_start(request, owner, name):
     if is_htmx(request):
         # The form again (fresh on success, with its errors otherwise) plus, out
         # of band, the new job's live widget at the top of the job list.
-        fresh = forms.job_form(op, adapter) if job else form
+        fresh = job_forms.op_form(op, adapter) if job else form
         return render(request, "frontend/_job_start.html",
-                      {"panel": {"op": op, "form": fresh, "enabled": True}, "adapter": adapter, "job": job},
+                      {"panel": {"op": op, "form": fresh}, "adapter": adapter, "job": job},
                       status=200 if job else 422)
     if job:
         return redirect(f"{reverse('frontend:adapter', args=[owner, name])}?job={job.id}#jobs")

@@ -221,6 +221,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # One params component per op, from the op declarations (adapters_ops/opspecs.py).
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "hub.api.ops.params_schemas"],
     "ENUM_NAME_OVERRIDES": {
         "BaseModelStatusEnum": "hub.registry.models.BaseModel.STATUS",
         "JobStatusEnum": "hub.registry.models.Job.STATUS",

@@ -40,9 +40,9 @@ FAST_ENV = {
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_ops():
-    from workers import catalog
+    from adapters_ops import opspecs
 
-    catalog.register_test_ops()
+    opspecs.register_test_ops()
 
 
 # --- redis -----------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def celery_procs(transactional_db, broker, redis_url, tmp_path, settings):
     """
     from django.db import connection
 
-    from workers.app import beat_argv, worker_argv
+    from hub.queue import beat_argv, worker_argv
 
     base_env = dict(os.environ)
     base_env.update(FAST_ENV)

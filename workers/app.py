@@ -4,24 +4,19 @@
 Run (see docs/jobs.md):
     celery -A workers.app worker -Q cpu,gpu --concurrency 1      # a worker
     celery -A workers.app beat                                    # once per site: the reaper
-`worker_argv()` builds the first command line for `hubctl serve`.
+hub.queue.worker_argv() and beat_argv() build these command lines for `hubctl serve`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "hub.settings")
 
-from celery import Celery  # noqa: E402
 from kombu import Exchange, Queue  # noqa: E402
 
-from workers import catalog, knob  # noqa: E402
-
-app = Celery("hub")
-# CELERY_BROKER_URL and CELERY_RESULT_BACKEND (both REDIS_URL by default).
-app.config_from_object("django.conf:settings", namespace="CELERY")
+from adapters_ops import opspecs  # noqa: E402
+from hub.queue import app, knob  # noqa: E402  (the hub's sender, given our queues and tasks here)
 
 # Seconds between reaper runs, and the broker's redelivery delay for a message
 # taken but never acknowledged. The latter must outlast the longest hard time
@@ -29,7 +24,7 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 REAPER_INTERVAL = float(knob("JOB_REAPER_INTERVAL", 30.0))
 RETRANSFER_INTERVAL = float(knob("RETRANSFER_INTERVAL", 300.0))
 BLOB_GC_INTERVAL = float(knob("BLOB_GC_INTERVAL", 24 * 3600.0))
-VISIBILITY_TIMEOUT = max(int(knob("JOB_VISIBILITY_TIMEOUT", 6 * 3600)), int(catalog.max_time_limit() * 1.25) + 600)
+VISIBILITY_TIMEOUT = max(int(knob("JOB_VISIBILITY_TIMEOUT", 6 * 3600)), int(opspecs.max_time_limit() * 1.25) + 600)
 
 app.conf.update(
     task_always_eager=False,  # never: the worker is a separate process in every setting
@@ -42,19 +37,19 @@ app.conf.update(
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     task_ignore_result=True,  # results live in the Job row
     result_expires=24 * 3600,
-    task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in catalog.QUEUES],
+    task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in opspecs.QUEUES],
     task_default_queue="cpu",
     task_routes={
-        **{spec.task_name: {"queue": spec.queue} for spec in catalog.OPS.values()},
+        **{spec.task_name: {"queue": spec.queue} for spec in opspecs.OPS.values()},
         "workers.reaper.reap": {"queue": "cpu"},
         "workers.retransfer.sweep": {"queue": "cpu"},
         "workers.webhooks.deliver": {"queue": "cpu"},
     },
     task_annotations={
         spec.task_name: {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
-        for spec in catalog.OPS.values()
+        for spec in opspecs.OPS.values()
     },
-    include=sorted({spec.module for spec in catalog.OPS.values()} | {"workers.reaper", "workers.retransfer", "workers.webhooks"}),
+    include=sorted({spec.module for spec in opspecs.OPS.values()} | {"workers.reaper", "workers.retransfer", "workers.webhooks"}),
     beat_schedule={
         "reap-jobs": {
             "task": "workers.reaper.reap",
@@ -75,32 +70,3 @@ app.conf.update(
     },
     worker_hijack_root_logger=False,
 )
-
-
-def worker_argv(
-    queues=("cpu", "gpu"), concurrency: int = 1, beat: bool = False, name: str | None = None,
-    loglevel: str = "INFO", schedule: str | None = None,
-) -> list[str]:
-    """The command line of one worker (for `hubctl serve` and the tests).
-
-    With beat=True the worker also runs the reaper schedule (`-B`): fine for a
-    single-node hub; production runs `celery -A workers.app beat` once instead.
-    """
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues),
-            "--concurrency", str(concurrency), "--pool", "prefork", "--loglevel", loglevel,
-            # no worker-to-worker chatter: the Job rows coordinate everything
-            "--without-mingle", "--without-gossip"]
-    if name:
-        argv += ["-n", name]
-    if beat:
-        argv += ["-B"]
-        if schedule:
-            argv += ["--schedule", schedule]
-    return argv
-
-
-def beat_argv(schedule: str | None = None, loglevel: str = "INFO") -> list[str]:
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat", "--loglevel", loglevel]
-    if schedule:
-        argv += ["--schedule", schedule]
-    return argv

@@ -25,9 +25,10 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from adapters_ops import opspecs
 from hub.registry import jobs, webhooks
 from hub.registry.models import Job
-from workers import catalog, knob
+from workers import knob
 from workers.app import app
 from workers.webhooks import resend_lost
 
@@ -61,7 +62,7 @@ def reap(now=None) -> dict[str, int]:
         Q(heartbeat_at__lt=sent_before) | Q(heartbeat_at__isnull=True, created_at__lt=sent_before)
     )
     for pk, op in Job.objects.filter(waiting).order_by("created_at").values_list("pk", "op")[:1000]:
-        if op not in catalog.OPS:
+        if op not in opspecs.OPS:
             Job.objects.filter(pk=pk, status="queued").update(
                 status="failed", error=f"unknown_op: no worker knows the op {op!r}.", finished_at=now,
                 message=f"Failed: unknown op {op!r}.",

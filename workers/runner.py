@@ -45,6 +45,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from adapters_ops import opspecs
 from adapters_ops.errors import AdapterError
 from hub.registry import jobs, selectors, services, validation, webhooks
 from hub.registry.models import Adapter, BaseModel, Blob, Job, Revision
@@ -52,7 +53,7 @@ from hub.registry.selectors import NotFound
 from hub.registry.services import Forbidden
 from hub.registry.validation import ValidationError
 from hub.storage import blob_batch, copy_to_path, delete_unreferenced
-from workers import catalog, knob
+from workers import knob
 
 log = logging.getLogger("workers.runner")
 
@@ -489,7 +490,7 @@ def run(job_id, fn: Callable[[JobContext], RevisionOutput | Done | None], task=N
         log.warning("job %s: taken over by another worker; this attempt's work is dropped", job.id)
         outcome = "lost"
     except SoftTimeLimitExceeded:
-        spec = catalog.OPS.get(job.op)
+        spec = opspecs.OPS.get(job.op)
         limit = f" of {spec.soft_time_limit} s" if spec else ""
         outcome = _finish(ctx, "failed", error=f"time_limit: the job ran past its time limit{limit}.")
     except USER_ERRORS as exc:
@@ -509,6 +510,9 @@ def run(job_id, fn: Callable[[JobContext], RevisionOutput | Done | None], task=N
 def _succeed(ctx: JobContext, result) -> str:
     job = ctx.job
     if isinstance(result, RevisionOutput):
+        spec = opspecs.OPS.get(job.op)
+        if spec is not None and result.kind not in spec.produces:  # a bug in the op: its declaration is the truth
+            raise RuntimeError(f"op {job.op} made a {result.kind!r} revision; it declares {spec.produces}")
         with blob_batch() as batch, transaction.atomic():
             ctx.fence()  # first statement: the row is locked and still ours
             blobs = {}

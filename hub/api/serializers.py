@@ -146,7 +146,7 @@ class JobSerializer(serializers.ModelSerializer):
 
 
 class JobCreateSerializer(serializers.Serializer):
-    op = serializers.CharField(max_length=32, help_text="validate, compress, merge, transfer, translora, quantize")
+    op = serializers.CharField(max_length=32, help_text="an op name from GET /api/v1/ops")
     params = serializers.DictField(required=False, default=dict, help_text="the op's parameters (JSON object)")
 
 

@@ -380,20 +380,12 @@ def wait_until_serving(url: str, child: Child, timeout: float, stop: threading.E
 
 
 def celery_argv(kind: str, concurrency: int, home: Path) -> list[str]:
-    """The worker or beat command; workers.app's own builders when it has them."""
-    schedule = str(home / "celerybeat-schedule")
-    try:
-        from workers import app as wapp
+    """The worker or beat command (hub.queue builds both; the hub never imports `workers`)."""
+    from hub import queue
 
-        if kind == "worker":
-            return wapp.worker_argv(concurrency=concurrency, name="hub@%h")
-        return wapp.beat_argv(schedule=schedule)
-    except (ImportError, AttributeError):
-        base = [sys.executable, "-m", "celery", "-A", "workers.app"]
-        if kind == "worker":
-            return base + ["worker", "-Q", "cpu,gpu", "--concurrency", str(concurrency), "--loglevel", "INFO",
-                           "-n", "hub@%h"]
-        return base + ["beat", "--loglevel", "INFO", "--schedule", schedule]
+    if kind == "worker":
+        return queue.worker_argv(concurrency=concurrency, name="hub@%h")
+    return queue.beat_argv(schedule=str(home / "celerybeat-schedule"))
 
 
 def gunicorn_extra_flags() -> list[str]:

@@ -2,8 +2,9 @@
 message only carries the job's id and may be lost or delivered twice, which
 the runner's compare-and-set claim makes harmless (workers/runner.py).
 
-The web process enqueues by task name (`app.send_task("ops.<op>", [id])`) and
-never imports an op module or torch.
+The web process enqueues by task name through the send-only queue client
+(hub/queue.py) and never imports `workers`, an op module or torch; the op's
+params are checked against its declaration (adapters_ops/opspecs.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from workers import catalog, knob
+from adapters_ops import opspecs
+from hub import queue
 
 from . import selectors, webhooks
 from .models import Job
@@ -34,23 +36,6 @@ class JobFinished(Conflict):
 
 # --- sending -----------------------------------------------------------------------------
 
-_redis_clients: dict = {}
-
-
-def _broker_redis():
-    """A redis client on the broker's database (the sent-markers live beside the messages)."""
-    import redis
-
-    from workers.app import app
-
-    url = app.conf.broker_url
-    client = _redis_clients.get(url)
-    if client is None:
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        _redis_clients[url] = client
-    return client
-
-
 def marker_key(job_id) -> str:
     return f"{MARKER_PREFIX}{job_id}"
 
@@ -58,12 +43,12 @@ def marker_key(job_id) -> str:
 def message_pending(job_id) -> bool:
     """Whether a message for this job was sent and not consumed yet (as far as
     the broker remembers: a restarted Redis forgets messages and markers alike)."""
-    return bool(_broker_redis().exists(marker_key(job_id)))
+    return bool(queue.broker_redis().exists(marker_key(job_id)))
 
 
 def message_consumed(job_id) -> None:
     try:
-        _broker_redis().delete(marker_key(job_id))
+        queue.broker_redis().delete(marker_key(job_id))
     except Exception:  # a stale marker only delays the reaper's re-send
         log.warning("could not clear the sent-marker of job %s", job_id, exc_info=True)
 
@@ -71,17 +56,15 @@ def message_consumed(job_id) -> None:
 def enqueue(job: Job, countdown: float | None = None) -> bool:
     """Send the job's message. Failure is logged, not raised: the job stays
     queued and the reaper sends it again (see workers/reaper.py)."""
-    from workers.app import app
-
-    spec = catalog.OPS.get(job.op)
+    spec = opspecs.OPS.get(job.op)
     if spec is None:
         log.error("job %s: op %r is not registered here; not sent", job.id, job.op)
         return False
     try:
-        app.send_task(spec.task_name, [str(job.id)], queue=spec.queue, countdown=countdown)
+        queue.send(spec.task_name, [str(job.id)], spec.queue, countdown)
         # After the send: a crash in between costs a harmless duplicate, never a lost job.
-        ttl = int(knob("JOB_SENT_MARKER_TTL", 24 * 3600))
-        _broker_redis().set(marker_key(job.id), "1", ex=max(ttl, int(countdown or 0) + 60))
+        ttl = int(queue.knob("JOB_SENT_MARKER_TTL", 24 * 3600))
+        queue.broker_redis().set(marker_key(job.id), "1", ex=max(ttl, int(countdown or 0) + 60))
         return True
     except Exception:
         log.warning("job %s: could not send to the broker; the reaper will retry", job.id, exc_info=True)
@@ -96,20 +79,25 @@ def enqueue_on_commit(job: Job, countdown: float | None = None) -> None:
 
 
 def job_create(*, user, op, params=None) -> Job:
-    """Validate the request through the catalog, create the row, enqueue on commit."""
+    """Validate the request against the op's declaration, create the row, enqueue on commit."""
     if user is None or not user.is_authenticated:
         raise Forbidden("Sign in (a token) to start a job.")
-    spec, cleaned = catalog.clean(op, params)
+    try:
+        spec = opspecs.get(op)
+        cleaned = spec.clean(params)
+    except opspecs.ParamError as exc:
+        field = "op" if exc.code == "unknown_op" else f"params.{exc.field}" if exc.field else "params"
+        raise ValidationError(exc.code, exc.detail, field=field) from None
     adapter = None
-    if spec.adapter_param and cleaned.get(spec.adapter_param):
-        owner, name = cleaned[spec.adapter_param].split("/", 1)
+    if spec.writes and cleaned.get(spec.writes):
+        owner, name = cleaned[spec.writes].split("/", 1)
         adapter = selectors.adapter_get(user, owner, name)  # 404 when not visible
         check_can_write(user, adapter.owner)
         if cleaned.get("revision"):
             # Pin the revision now: a ref that moves later must not change the job.
             cleaned["revision"] = selectors.revision_resolve(adapter, cleaned["revision"]).sha
     # Inputs the op reads must be visible to the caller (404 otherwise) ...
-    seeds_needed = spec.needs_seeds is not None and spec.needs_seeds(cleaned)
+    seeds_needed = spec.seeds_needed(cleaned)
     for key in spec.reads:
         value = cleaned.get(key)
         for repo in value if isinstance(value, list) else [value] if value else []:
@@ -182,13 +170,6 @@ def job_resend(*, job_id, sent_before) -> bool:
         if n:
             enqueue_on_commit(Job.objects.get(pk=job_id))
     return bool(n)
-
-
-def job_retry(*, job: Job, user) -> Job:
-    """A new job with the same op and params (a finished job's row stays as it was)."""
-    if job.status not in Job.FINISHED:
-        raise Conflict(f"Job {job.id} is still {job.status}.")
-    return job_create(user=user, op=job.op, params=job.params)
 
 
 def stale_cutoff(now=None):

@@ -11,6 +11,8 @@ from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models.functions import Lower
 
+from adapters_ops import opspecs
+
 from .querysets import AdapterQuerySet, JobQuerySet
 
 # Repo-style names: letters, digits, '-', '_', '.'; starting with a letter or digit.
@@ -189,11 +191,13 @@ class Adapter(models.Model):
 class Revision(models.Model):
     """An immutable snapshot of an adapter's files; parents form the lineage DAG."""
 
-    KINDS = [(k, k) for k in ("upload", "compeft", "merge", "transfer", "translora", "qalora")]
+    # upload, then every kind an op declares it makes (adapters_ops/opspecs.py). Not DB
+    # choices: a new op's kind needs no migration; the runner stores only declared kinds.
+    KINDS = opspecs.revision_kinds()
 
     adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="revisions")
     sha = models.CharField(max_length=40, db_index=True)  # HF-style commit id
-    kind = models.CharField(max_length=12, choices=KINDS, default="upload")
+    kind = models.CharField(max_length=12, default="upload")
     message = models.CharField(max_length=300, blank=True, default="")
     params = models.JSONField(default=dict, blank=True)
     metrics = models.JSONField(default=dict, blank=True)

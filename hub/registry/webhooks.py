@@ -250,10 +250,10 @@ def ping(hook: Webhook) -> WebhookDelivery:
 def send(delivery_id, countdown: float | None = None) -> bool:
     """Send the delivery's Celery message. A failure is logged: the delivery
     stays pending and the reaper sends it again."""
-    from workers.app import app
+    from hub import queue
 
     try:
-        app.send_task(DELIVER_TASK, [str(delivery_id)], queue="cpu", countdown=countdown)
+        queue.send(DELIVER_TASK, [str(delivery_id)], "cpu", countdown)
         return True
     except Exception:
         log.warning("webhook delivery %s: could not reach the broker", delivery_id, exc_info=True)

@@ -114,7 +114,7 @@ def test_wrong_shapes_error_shows_next_to_the_files(page, user, tiny_base, wide_
 
 
 def test_jobs_run_on_a_worker_and_refresh_the_lineage(page, celery_procs, uploaded):
-    from workers import catalog
+    from adapters_ops import opspecs
 
     celery_procs.worker("w1")
     sign_in(page, "alice")
@@ -133,7 +133,7 @@ def test_jobs_run_on_a_worker_and_refresh_the_lineage(page, celery_procs, upload
     assert page.locator("#lineage .node").count() == 1
 
     # An op that creates a revision: the graph grows a child under the upload.
-    op = "touch" if "touch" in catalog.OPS else next(o for o in ("compress", "quantize") if o in catalog.OPS)
+    op = "touch" if "touch" in opspecs.OPS else "scale"
     page.click(f"#op-{op} summary")
     page.get_by_role("button", name=f"Start {op}").click()
     page.locator("#live-jobs article.job").first.locator("[data-testid=job-status]").filter(

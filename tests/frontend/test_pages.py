@@ -167,19 +167,16 @@ def test_adapter_page_shows_files_revisions_metrics_and_snippets(world, web, use
     assert f"zebra-secret@{world['secret_rev'].sha[:7]}" in html  # its parent, visible to the owner
 
 
-def test_job_forms_follow_the_catalog_and_write_permission(world, web, user, other_user):
-    from frontend.forms import OP_FORMS
-    from workers import catalog
+def test_job_forms_follow_the_op_declarations_and_write_permission(world, web, user, other_user):
+    from adapters_ops import opspecs
 
     html = web(user).get("/adapters/alice/public-child/").content.decode()
-    for op in OP_FORMS:
+    for op, spec in opspecs.OPS.items():
         panel = html.split(f'id="op-{op}"', 1)[1].split("</details>", 1)[0]
-        if op in catalog.OPS:
-            assert f'name="op" value="{op}"' in panel and "unavailable" not in panel, op
-        else:
-            assert "unavailable" in panel and "<fieldset disabled>" in panel, op
-    for op in set(catalog.OPS) - set(OP_FORMS):  # ops this UI has no form for: JSON params
-        assert f'id="op-{op}"' in html
+        assert f'name="op" value="{op}"' in panel, op
+        for p in spec.params:  # every declared param has a field, but the page's own adapter
+            if p.name != (spec.writes or spec.reads[0]):
+                assert f'name="{op}-{p.name}"' in panel, (op, p.name)
     # mallory may read the public child but not start jobs on it
     theirs = web(other_user).get("/adapters/alice/public-child/").content.decode()
     assert "Start a job" not in theirs and 'id="op-validate"' not in theirs

@@ -2,7 +2,7 @@
 (the exact merged update), rank="auto" (the fewest components keeping a stated
 energy, capped by max_rank), `dense_updates` (each module's merged update) and
 `dare_masks` (the DARE keep masks, so a DARE merge can be redone by hand); the
-merge job's, catalog's, hubctl's and model card's handling of them.
+merge job's, op declaration's, hubctl's and model card's handling of them.
 
 Small synthetic adapters only (no base model, no PEFT): every test runs in well
 under a second. The float64 references come from tests/ops/test_merge.py, which
@@ -281,18 +281,19 @@ def _job(**params) -> dict:
     return {"adapters": ["alice/a", "alice/b"], "name": "alice/m", **params}
 
 
-def test_catalog_accepts_rank_auto_full_and_integers():
-    from workers import catalog
+def test_merge_declaration_accepts_rank_auto_full_and_integers():
+    from adapters_ops import opspecs
 
-    assert catalog.DEFAULT_MERGE_ENERGY == M.DEFAULT_ENERGY
-    auto = catalog._merge_params(_job(method="dare_ties", rank="auto"))
+    assert opspecs.DEFAULT_MERGE_ENERGY == M.DEFAULT_ENERGY
+    clean = opspecs.OPS["merge"].clean
+    auto = clean(_job(method="dare_ties", rank="auto"))
     assert auto["rank"] == "auto" and auto["energy"] == 0.99 and "max_rank" not in auto
-    auto = catalog._merge_params(_job(method="ties", rank="auto", energy=0.95, max_rank=32))
+    auto = clean(_job(method="ties", rank="auto", energy=0.95, max_rank=32))
     assert (auto["energy"], auto["max_rank"]) == (0.95, 32)
-    assert catalog._merge_params(_job(method="ties", rank="full"))["rank"] == "full"
-    assert catalog._merge_params(_job(method="cat", rank="full"))["rank"] == "full"
-    assert catalog._merge_params(_job(method="ties", rank=16))["rank"] == 16
-    assert "energy" not in catalog._merge_params(_job(method="ties", rank=16))
+    assert clean(_job(method="ties", rank="full"))["rank"] == "full"
+    assert clean(_job(method="cat", rank="full"))["rank"] == "full"
+    assert clean(_job(method="ties", rank=16))["rank"] == 16
+    assert "energy" not in clean(_job(method="ties", rank=16))
 
 
 @pytest.mark.parametrize("params,field", [
@@ -307,13 +308,12 @@ def test_catalog_accepts_rank_auto_full_and_integers():
     ({"method": "cat", "rank": "auto"}, "params.rank"),
     ({"method": "distill", "rank": "auto"}, "params.rank"),
 ])
-def test_catalog_refuses_bad_rank_settings(params, field):
-    from hub.registry.validation import ValidationError
-    from workers import catalog
+def test_merge_declaration_refuses_bad_rank_settings(params, field):
+    from adapters_ops import opspecs
 
-    with pytest.raises(ValidationError) as info:
-        catalog._merge_params(_job(**params))
-    assert info.value.code == "invalid_params" and info.value.field == field
+    with pytest.raises(opspecs.ParamError) as info:
+        opspecs.OPS["merge"].clean(_job(**params))
+    assert info.value.code == "invalid_params" and f"params.{info.value.field}" == field
 
 
 def test_merge_job_passes_rank_settings_and_records_the_kept_energy(ads):

@@ -1,4 +1,4 @@
-"""Job REST routes and the op catalog (no worker needed: the request path only
+"""Job REST routes and the op declarations (no worker needed: the request path only
 validates, writes the row and enqueues on commit)."""
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ def adapters(peft_adapter, other_user):
 
 BAD_REQUESTS = [
     ({"op": "nope", "params": {}}, 400, "unknown_op", "Unknown op 'nope'"),
-    ({"op": "validate", "params": {}}, 400, "invalid_params", "adapter must name an adapter"),
+    ({"op": "validate", "params": {}}, 400, "invalid_params", "adapter is required"),
+    ({"op": "validate", "params": {"adapter": 7}}, 400, "invalid_params", "adapter must name an adapter"),
+    # Trans-LoRA settings are declared too: an unknown or ill-typed key is a 400, not a failed job
+    ({"op": "transfer", "params": {"adapter": "alice/lora", "target": "b", "translora": {"stepz": 9}}}, 400,
+     "invalid_params", "Unknown translora setting(s) stepz"),
+    ({"op": "transfer", "params": {"adapter": "alice/lora", "target": "b", "translora": {"steps": "many"}}}, 400,
+     "invalid_params", "translora.steps must be an integer"),
+    ({"op": "scale", "params": {"adapter": "alice/lora"}}, 400, "invalid_params", "factor is required"),
     ({"op": "validate", "params": {"adapter": "no-slash"}}, 400, "invalid_params", "\"owner/name\""),
     ({"op": "validate", "params": {"adapter": "alice/lora", "x": 1}}, 400, "invalid_params", "Unknown parameter(s) x"),
     ({"op": "validate", "params": {"adapter": "alice/lora", "revision": "../x"}}, 400, "invalid_params", "ref name"),
@@ -155,14 +162,14 @@ def test_cancel(api, user, status, code, after):
 # --- catalog ----------------------------------------------------------------------------------------------
 
 
-def test_catalog_specs_match_the_app():
+def test_op_declarations_match_the_app():
     import importlib
 
-    from workers import catalog
+    from adapters_ops import opspecs
     from workers.app import VISIBILITY_TIMEOUT, app
 
-    assert "validate" in catalog.OPS
-    for name, spec in catalog.OPS.items():
+    assert "validate" in opspecs.OPS
+    for name, spec in opspecs.OPS.items():
         importlib.import_module(spec.module)
         task = app.tasks[f"ops.{name}"]  # one name everywhere
         assert spec.queue in ("cpu", "gpu")
@@ -180,6 +187,9 @@ def test_catalog_specs_match_the_app():
 def test_web_side_imports_no_torch():
     from tests.web_process import forbidden_modules_after
 
-    imports = "import hub.urls, hub.registry.jobs, workers.catalog, workers.app, sys"
-    assert forbidden_modules_after(imports) == []
-    assert "workers.runner" not in forbidden_modules_after(imports, also=("workers",))
+    # The whole web side, the job service and the op declarations: no torch, and no `workers` at all
+    # (the hub sends by task name through hub.queue).
+    imports = "import hub.urls, hub.registry.jobs, hub.queue, adapters_ops.opspecs, frontend.job_forms, sys"
+    assert forbidden_modules_after(imports, also=("workers",)) == []
+    # The worker app on top of it still loads no op module (and so no torch) until a task runs.
+    assert forbidden_modules_after("import workers.app, sys") == []

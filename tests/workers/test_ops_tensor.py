@@ -152,13 +152,6 @@ def test_distill_merge_refuses_inputs_without_seeds_and_weight_params(api, user,
     assert Job.objects.count() == before
 
 
-def test_catalog_merge_methods_match_the_library():
-    from adapters_ops.merge import METHODS
-    from workers.catalog import MERGE_METHODS
-
-    assert sorted(METHODS) == sorted(MERGE_METHODS)
-
-
 def test_quantize_job_stores_an_exact_merged_expert(celery_procs, user, peft_adapter, tmp_path):
     from hub.registry.jobs import job_create
     from hub.registry.selectors import revision_resolve
