@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import diff, progress, webhook
+from hub.cli import diff, ops, progress, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -645,47 +645,16 @@ def submit(op: str, params: dict, wait: bool) -> int:
     return 0
 
 
-def cmd_compress(args) -> int:
-    repo_id(args.repo)
-    return submit("compress", {"adapter": args.repo, "revision": args.revision, "density": args.density,
-                               "scope": args.scope, "magnitude_bits": args.magnitude_bits,
-                               "factorization": args.factorization}, args.wait)
-
-
-def cmd_merge(args) -> int:
-    for a in args.adapters:
-        repo_id(a)
-    repo_id(args.name)
-    if len(args.adapters) < 2:
-        raise UserError("merge takes at least two adapters.")
-    weights = csv_floats(args.weights, "--weights") if args.weights else None
-    if weights is not None and len(weights) != len(args.adapters):
-        raise UserError(f"--weights has {len(weights)} numbers for {len(args.adapters)} adapters.")
-    if (args.energy is not None or args.max_rank is not None) and args.rank != "auto":
-        raise UserError("--energy and --max-rank go with --rank auto.")
-    return submit("merge", {"adapters": args.adapters, "weights": weights, "method": args.method,
-                            "density": args.density, "rank": args.rank, "energy": args.energy,
-                            "max_rank": args.max_rank, "seed": args.seed, "name": args.name,
-                            "steps": args.steps, "synthetic": args.synthetic}, args.wait)
-
-
-def merge_rank(text: str) -> int | str:
-    """--rank: a positive integer, auto or full."""
-    if text in ("auto", "full"):
-        return text
+def cmd_op(args) -> int:
+    """Any op declared by the hub (hub/cli/ops.py built its flags): submit its params as a job."""
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, auto or full, got {text!r}")
-    return value
-
-
-def cmd_quantize(args) -> int:
-    repo_id(args.repo)
-    return submit("quantize", {"adapter": args.repo, "bits": args.bits, "group_size": args.group_size,
-                               "qalora_finetune_steps": args.qalora_finetune_steps}, args.wait)
+        params = ops.params_of(args, args.op)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    named = params.get(ops.subject(args.op))
+    for repo in named if isinstance(named, list) else [named] if named else []:
+        repo_id(repo)
+    return submit(args.op["name"], params, args.wait)
 
 
 def split_metrics(metrics: dict | None) -> tuple[str, str]:
@@ -798,7 +767,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> Parser:
+def build_parser(op_specs: list[dict] | None = None) -> Parser:
+    """`op_specs`: the hub's op declarations (`GET /api/v1/ops`); default the ones installed here."""
     p = Parser(prog="hubctl", description="Command line of the adapter hub (HUB_URL, HUB_TOKEN; see docs/cli.md).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     as_json = Parser(add_help=False)
@@ -888,40 +858,6 @@ def build_parser() -> Parser:
     def wait_flags(s):
         s.add_argument("--wait", "--watch", dest="wait", action="store_true", help="follow the job until it finishes")
 
-    s = sub.add_parser("compress", help="ComPEFT-compress an adapter (a job)")
-    s.add_argument("repo", metavar="owner/name")
-    s.add_argument("--density", type=float, help="fraction of entries kept (server default 0.1)")
-    s.add_argument("--scope", choices=["global", "tensor"])
-    s.add_argument("--magnitude-bits", type=int, choices=range(5), metavar="{0..4}",
-                   help="2^M magnitudes per tensor instead of one (server default 0: the paper's rule)")
-    s.add_argument("--factorization", choices=["as_is", "balanced"],
-                   help="balanced: rewrite each LoRA pair from the SVD of its product first (server default as_is)")
-    s.add_argument("--revision")
-    wait_flags(s)
-    s.set_defaults(func=cmd_compress)
-
-    s = sub.add_parser("merge", help="merge adapters into a new one (a job)")
-    s.add_argument("adapters", nargs="+", metavar="owner/name")
-    s.add_argument("--method", required=True,
-                   help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (and *_svd), or distill: "
-                        "one adapter taught by every input from its seed examples")
-    s.add_argument("--weights", help="comma-separated, one per adapter")
-    s.add_argument("--density", type=float)
-    s.add_argument("--rank", type=merge_rank, metavar="R|auto|full",
-                   help="output rank: an integer; full: the exact merged update (rank min(out, in) for ties, dare_*, "
-                        "magnitude_prune); auto: per module the smallest rank keeping --energy of it. Default: the "
-                        "sum of the input ranks (max for svd and *_svd), exact for cat/linear but lossy for the "
-                        "dense methods (the revision's min/mean_captured_energy say how much)")
-    s.add_argument("--energy", type=float, help="with --rank auto: fraction of each module's energy to keep, "
-                                                "in (0, 1] (server default 0.99)")
-    s.add_argument("--max-rank", type=int, help="with --rank auto: the largest rank accepted (default: no cap)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--steps", type=int, help="distill: training steps (default 1000 per adapter)")
-    s.add_argument("--synthetic", type=int, help="distill: synthetic task inputs per adapter (default 1024)")
-    s.add_argument("--name", required=True, help="owner/name of the merged adapter")
-    wait_flags(s)
-    s.set_defaults(func=cmd_merge)
-
     s = sub.add_parser("transfer", help="move adapters from one base model to another (jobs)")
     s.add_argument("--from", dest="source", required=True, metavar="BASE")
     s.add_argument("--to", dest="target", required=True, metavar="BASE")
@@ -932,21 +868,17 @@ def build_parser() -> Parser:
     wait_flags(s)
     s.set_defaults(func=cmd_transfer)
 
-    s = sub.add_parser("quantize", help="quantize an adapter for a quantized base (a job)")
-    s.add_argument("repo", metavar="owner/name")
-    s.add_argument("--bits", type=int, default=4)
-    s.add_argument("--group-size", type=int, default=64)
-    s.add_argument("--qalora-finetune-steps", type=int)
-    wait_flags(s)
-    s.set_defaults(func=cmd_quantize)
-
+    ops.add_op_parsers(sub, ops.local_ops() if op_specs is None else op_specs, wait_flags, cmd_op)
     diff.add_parsers(sub)
     webhook.add_parsers(sub, as_json)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # An op command takes its flags from the hub's own declarations; other commands need no round trip.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(ops.fetch_ops() if first and first not in static_commands() else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (1)
@@ -970,6 +902,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"hubctl: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+
+
+def static_commands() -> set[str]:
+    """hubctl's own commands (the rest are ops)."""
+    sub = next(a for a in build_parser([])._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def test_other_errors(pushed, hubctl, tokens, tmp_path):
     assert_clean_failure(hubctl("adapters", token="hub_bad"), 1, "refused the token")
     assert_clean_failure(hubctl("whoami"), 1, "needs a token")
     assert_clean_failure(hubctl("merge", "alice/skill", "--method", "ties", "--name", "alice/m"), 1,
-                         "at least two adapters")
+                         "merge takes 2 to 16 adapters")
     r = hubctl("push")  # a usage error is a user error too
     assert r.code == 1 and "required" in r.err and "Traceback" not in r.err
 

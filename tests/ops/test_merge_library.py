@@ -346,14 +346,11 @@ def test_hubctl_merge_rank_flags(monkeypatch):
                         (["--rank", "8"], {"rank": 8, "energy": None, "max_rank": None})]:
         args = cli.build_parser().parse_args(base + extra)
         assert args.func(args) == 0
-        assert {k: sent[-1][1][k] for k in want} == want
+        assert {k: sent[-1][1].get(k) for k in want} == want
     for bad in (["--rank", "bogus"], ["--rank", "0"]):
         with pytest.raises(SystemExit) as info:
             cli.build_parser().parse_args(base + bad)
         assert info.value.code == 1
-    args = cli.build_parser().parse_args(base + ["--rank", "8", "--energy", "0.9"])
-    with pytest.raises(cli.UserError):
-        args.func(args)
 
 
 def test_model_card_facts_show_the_captured_energy():

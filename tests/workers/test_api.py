@@ -38,6 +38,8 @@ BAD_REQUESTS = [
     ({"op": "transfer", "params": {"adapter": "alice/lora", "target": "b", "translora": {"steps": "many"}}}, 400,
      "invalid_params", "translora.steps must be an integer"),
     ({"op": "scale", "params": {"adapter": "alice/lora"}}, 400, "invalid_params", "factor is required"),
+    ({"op": "merge", "params": {"adapters": ["alice/lora", "alice/lora2"], "name": "alice/m", "weights": [1, 2, 3]}},
+     400, "invalid_params", "weights must list one number per adapter (2)"),
     ({"op": "validate", "params": {"adapter": "no-slash"}}, 400, "invalid_params", "\"owner/name\""),
     ({"op": "validate", "params": {"adapter": "alice/lora", "x": 1}}, 400, "invalid_params", "Unknown parameter(s) x"),
     ({"op": "validate", "params": {"adapter": "alice/lora", "revision": "../x"}}, 400, "invalid_params", "ref name"),
