@@ -1,4 +1,4 @@
-"""Test-only ops (registered when HUB_TEST_OPS=1, see workers/catalog.py):
+"""Test-only ops (registered when HUB_TEST_OPS=1, see adapters_ops/opspecs.py):
 they drive the runner through its paths without any tensor work.
 
 - `sleep`: sleeps in `steps`, reporting progress each step; honours cancel.
