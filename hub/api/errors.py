@@ -8,9 +8,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_handler
 
-from hub.registry.selectors import NotFound
-from hub.registry.services import Conflict, Forbidden
-from hub.registry.validation import ValidationError
+from hub.errors import HubError
 
 
 def _flatten(detail) -> str:
@@ -29,15 +27,8 @@ def error_response(code: str, detail: str, status_code: int, field: str | None =
 
 
 def exception_handler(exc, context):
-    if isinstance(exc, ValidationError):
-        code = 413 if exc.code == "upload_too_large" else 400
-        return error_response(exc.code, exc.detail, code, getattr(exc, "field", None))
-    if isinstance(exc, NotFound):
-        return error_response(exc.code, exc.detail, status.HTTP_404_NOT_FOUND)
-    if isinstance(exc, Conflict):
-        return error_response(exc.code, exc.detail, status.HTTP_409_CONFLICT)
-    if isinstance(exc, Forbidden):
-        return error_response(exc.code, exc.detail, status.HTTP_403_FORBIDDEN)
+    if isinstance(exc, HubError):  # the hub's own refusals carry their status
+        return error_response(exc.code, exc.detail, exc.status, exc.field)
     if isinstance(exc, DjangoValidationError):
         return error_response("invalid", " ".join(exc.messages), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, Http404):

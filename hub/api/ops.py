@@ -67,9 +67,11 @@ def params_schemas(result, generator, request, public):
         name = "".join(w.capitalize() for w in op["name"].split("_")) + "Params"
         schemas[name] = {
             "type": "object", "description": f"params of op `{op['name']}`: {op['summary']}",
-            "properties": {p["name"]: param_schema(p) for p in op["params"]},
-            "required": [p["name"] for p in op["params"] if p["required"]], "additionalProperties": False,
+            "properties": {p["name"]: param_schema(p) for p in op["params"]}, "additionalProperties": False,
         }
+        required = [p["name"] for p in op["params"] if p["required"]]
+        if required:  # OpenAPI 3.0 wants a non-empty list or none
+            schemas[name]["required"] = required
         refs.append({"$ref": f"#/components/schemas/{name}"})
     request_body = schemas.get("JobCreateRequest", {}).get("properties", {})
     if "params" in request_body:

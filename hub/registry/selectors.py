@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import re
 
+from hub.errors import HubError
+
 from .models import Adapter, BaseModel, Blob, Ref, Revision
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 HEX_PREFIX = re.compile(r"^[0-9a-f]{7,40}$")
 
 
-class NotFound(Exception):
+class NotFound(HubError):
     """Absent or not visible to this user (the two are indistinguishable: 404)."""
 
+    status = 404
+
     def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
+        super().__init__(detail, code=code)
 
 
 def adapter_get(user, owner: str, name: str) -> Adapter:

@@ -14,6 +14,7 @@ from typing import BinaryIO
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from hub.errors import HubError
 from hub.storage import blob_batch, hash_file, open_blob
 
 from . import validation
@@ -38,24 +39,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_FILES = 64
 
 
-class Conflict(Exception):
-    """The name is taken (409)."""
+class Conflict(HubError):
+    """The name is taken, or the state moved on (409)."""
 
+    status = 409
     code = "already_exists"
 
-    def __init__(self, detail):
-        super().__init__(detail)
-        self.detail = detail
 
-
-class Forbidden(Exception):
+class Forbidden(HubError):
     """The user may see the thing but not change it (403)."""
 
+    status = 403
     code = "forbidden"
-
-    def __init__(self, detail):
-        super().__init__(detail)
-        self.detail = detail
 
 
 @dataclass

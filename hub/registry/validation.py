@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 # Standard library only (no torch): the QA-LoRA declaration rule the library applies too.
 from adapters_ops import qalora_declaration
+from hub.errors import HubError
 
 # Header caps, checked before the JSON is parsed (safetensors' own 100 MB would let one
 # upload hold the web process for a minute and grow it by 1.7 GB). An adapter: a 70B
@@ -59,15 +60,12 @@ ALLOWED_DOTFILES = {".gitattributes"}
 _INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
-class ValidationError(Exception):
-    """An upload the hub refuses: `code` for machines, `detail` for people,
-    `field` for the form field or file concerned (the API maps it to a 4xx)."""
+class ValidationError(HubError):
+    """An upload or request the hub refuses (400; 413 for a too-large upload):
+    `code` for machines, `detail` for people, `field` for the form field or file concerned."""
 
     def __init__(self, code: str, detail: str, field: str | None = None):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-        self.field = field
+        super().__init__(detail, code=code, field=field, status=413 if code == "upload_too_large" else 400)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
