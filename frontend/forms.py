@@ -11,8 +11,6 @@ from hub.registry.models import BaseModel, Revision, Webhook
 
 SORTS = [("updated", "Recently updated"), ("created", "Newest"), ("downloads", "Most downloaded"),
          ("size", "Largest"), ("name", "Name")]
-ORDER = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size",
-         "name": "name"}
 
 
 class BrowseForm(forms.Form):

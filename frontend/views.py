@@ -13,7 +13,7 @@ import uuid
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Paginator
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.http import Http404, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -61,20 +61,9 @@ def home(request):
     """The adapters list: search, filters (base model, tag, kind) and sort."""
     form = forms.BrowseForm(request.GET or None)
     visible = Adapter.objects.visible_to(request.user)
-    qs = visible.select_related("base_model").prefetch_related("tags")
-    sort = "updated"
-    if form.is_bound and form.is_valid():
-        f = form.cleaned_data
-        if f["q"]:
-            qs = qs.filter(Q(name__icontains=f["q"]) | Q(owner__icontains=f["q"]) | Q(description__icontains=f["q"]))
-        if f["base_model"]:
-            qs = qs.filter(base_model__slug=f["base_model"])
-        if f["tag"]:
-            qs = qs.filter(tags__name=f["tag"].strip().lower())
-        if f["kind"]:
-            qs = qs.filter(revisions__kind=f["kind"]).distinct()
-        sort = f["sort"] or "updated"
-    qs = qs.order_by(forms.ORDER[sort], "id")
+    f = form.cleaned_data if form.is_bound and form.is_valid() else {}
+    qs = selectors.adapter_search(request.user, q=f.get("q", ""), base_model=f.get("base_model", ""),
+                                  tag=f.get("tag", ""), kind=f.get("kind", ""), sort=f.get("sort") or "updated")
     page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
     params = request.GET.copy()
     params.pop("page", None)
@@ -154,11 +143,7 @@ def _op_enabled(op: str) -> bool:
 
 
 def _can_write(user, adapter) -> bool:
-    try:
-        services.check_can_write(user, adapter.owner)
-        return True
-    except services.Forbidden:
-        return False
+    return services.can_write(user, adapter.owner)
 
 
 def _lineage(request, adapter):

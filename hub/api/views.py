@@ -2,7 +2,6 @@
 Visibility comes from `Adapter.objects.visible_to` (see AdapterScoped)."""
 
 
-from django.db.models import Q
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, permissions, status
@@ -108,9 +107,6 @@ class BaseModelDeprecate(ApiView):
 # --- adapters --------------------------------------------------------------------
 
 
-SORTS = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size", "name": "name"}
-
-
 class AdapterList(ApiView, generics.ListAPIView):
     serializer_class = s.AdapterSerializer
     parser_classes = [MultiPartParser, FormParser]
@@ -119,37 +115,25 @@ class AdapterList(ApiView, generics.ListAPIView):
         OpenApiParameter("base_model", str), OpenApiParameter("q", str), OpenApiParameter("tag", str),
         OpenApiParameter("kind", str), OpenApiParameter("owner", str), OpenApiParameter("r", int),
         OpenApiParameter("max_r", int), OpenApiParameter("target_module", str), OpenApiParameter("dtype", str),
-        OpenApiParameter("sort", str, enum=list(SORTS)),
+        OpenApiParameter("sort", str, enum=list(selectors.ADAPTER_SORTS)),
     ])
     def get(self, request, *args, **kwargs):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
         qp = self.request.query_params
-        qs = Adapter.objects.visible_to(self.request.user).select_related("base_model").prefetch_related("tags")
-        if qp.get("base_model"):
-            qs = qs.filter(base_model__slug=qp["base_model"])
-        if qp.get("owner"):
-            qs = qs.filter(owner=qp["owner"])
-        if qp.get("q"):
-            qs = qs.filter(Q(name__icontains=qp["q"]) | Q(owner__icontains=qp["q"]) | Q(description__icontains=qp["q"]))
-        if qp.get("tag"):
-            qs = qs.filter(tags__name=qp["tag"].lower())
-        if qp.get("kind"):
-            qs = qs.filter(revisions__kind=qp["kind"]).distinct()
-        if qp.get("dtype"):
-            qs = qs.filter(dtype=qp["dtype"].upper())
-        if qp.get("target_module"):
-            qs = qs.filter(target_modules__icontains=f'"{qp["target_module"]}"')
-        for key, lookup in (("r", "r"), ("max_r", "r__lte")):
+        numbers = {}
+        for key in ("r", "max_r"):
             if key in qp:
                 if not ascii_digits(qp[key].removeprefix("-")):
                     raise ValidationError("invalid_filter", f"{key} must be an integer.", field=key)
-                qs = qs.filter(**{lookup: int(qp[key])})
+                numbers[key] = int(qp[key])
         sort = qp.get("sort", "updated")
-        if sort not in SORTS:
-            raise ValidationError("invalid_filter", f"sort must be one of {', '.join(SORTS)}.", field="sort")
-        return qs.order_by(SORTS[sort], "id")
+        if sort not in selectors.ADAPTER_SORTS:
+            raise ValidationError("invalid_filter", f"sort must be one of {', '.join(selectors.ADAPTER_SORTS)}.",
+                                  field="sort")
+        text = {k: qp.get(k, "") for k in ("q", "base_model", "tag", "kind", "owner", "dtype", "target_module")}
+        return selectors.adapter_search(self.request.user, **text, **numbers, sort=sort)
 
     @extend_schema(request={"multipart/form-data": s.AdapterCreateSerializer},
                    responses={201: s.AdapterDetailSerializer, 409: error(409), 413: error(413)})

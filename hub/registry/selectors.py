@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from django.db.models import Q
+
 from hub.errors import HubError
 
 from .models import Adapter, BaseModel, Blob, Ref, Revision
@@ -28,6 +30,38 @@ def adapter_get(user, owner: str, name: str) -> Adapter:
     if adapter is None:
         raise NotFound("repo_not_found", f"Adapter {owner}/{name} does not exist or is not visible to you.")
     return adapter
+
+
+# The adapter lists' sort keys (REST `sort`, the UI's sort menu).
+ADAPTER_SORTS = {"updated": "-updated_at", "created": "-created_at", "downloads": "-downloads", "size": "-size",
+                 "name": "name"}
+
+
+def adapter_search(user, *, q: str = "", base_model: str = "", tag: str = "", kind: str = "", owner: str = "",
+                   dtype: str = "", target_module: str = "", r: int | None = None, max_r: int | None = None,
+                   sort: str = "updated"):
+    """The adapters `user` may see that match every given filter, sorted: the one
+    search of the REST list and the UI's home page (blank filters are ignored)."""
+    qs = Adapter.objects.visible_to(user).select_related("base_model").prefetch_related("tags")
+    if q:
+        qs = qs.filter(Q(name__icontains=q) | Q(owner__icontains=q) | Q(description__icontains=q))
+    if base_model:
+        qs = qs.filter(base_model__slug=base_model)
+    if owner:
+        qs = qs.filter(owner=owner)
+    if tag:
+        qs = qs.filter(tags__name=tag.strip().lower())
+    if kind:
+        qs = qs.filter(revisions__kind=kind).distinct()
+    if dtype:
+        qs = qs.filter(dtype=dtype.upper())
+    if target_module:
+        qs = qs.filter(target_modules__icontains=f'"{target_module}"')
+    if r is not None:
+        qs = qs.filter(r=r)
+    if max_r is not None:
+        qs = qs.filter(r__lte=max_r)
+    return qs.order_by(ADAPTER_SORTS[sort], "id")
 
 
 def base_model_get(slug: str) -> BaseModel:

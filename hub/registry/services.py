@@ -83,11 +83,17 @@ def files_commit_sha(entries: list[tuple[str, str]]) -> str:
 # --- owners ----------------------------------------------------------------------
 
 
+def can_write(user, owner: str) -> bool:
+    """The one write rule: superusers anywhere, others in their own and their orgs' namespaces
+    (AdapterQuerySet.writable_by is its queryset form)."""
+    return user is not None and user.is_authenticated and (user.is_superuser or owner in owner_names(user))
+
+
 def check_can_write(user, owner: str) -> None:
+    if can_write(user, owner):
+        return
     if user is None or not user.is_authenticated:
         raise Forbidden("Sign in (a token) to write.")
-    if user.is_superuser or owner in owner_names(user):
-        return
     raise Forbidden(f"You may not write in the namespace '{owner}'.")
 
 
