@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import peft_patterns
 from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
@@ -120,14 +121,9 @@ class Adapter:
         return float(alpha) / float(r)
 
     def _pattern_value(self, field_name: str, module: str, default):
-        # PEFT's own rule (peft.utils.other.get_pattern_key): the first key that matches the module's
-        # name in the base model, as re.match(rf"(.*\.)?({key})$", name). The hub stores only keys of
-        # a form its upload validation matches without a regex, and agrees with this on all of them.
+        # PEFT's rule, in the implementation upload validation shares (adapters_ops.peft_patterns).
         name = module.removeprefix(PEFT_PREFIX).removesuffix(".weight")
-        for key, value in (self.config.get(field_name) or {}).items():
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        return default
+        return peft_patterns.pattern_value(self.config.get(field_name), name, default, allow_regex=True)
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense update this module adds to its base weight: scaling * B @ A."""

@@ -363,3 +363,20 @@ def test_the_evil_target_modules_upload_is_a_400(api, tiny_base, make_peft_adapt
                  format="multipart")
     assert r.status_code == 400 and r.json()["error"] == "unsupported_pattern", r.content
     assert time.perf_counter() - started < v.TARGET_REGEX_BUDGET_S + 2
+
+
+@pytest.mark.parametrize("key", [r"(q|v)_proj", r"layers\.[01]\.self_attn\.(q|k)_proj"])
+def test_the_library_runs_other_keys_as_peft_does(key):
+    """One implementation (adapters_ops.peft_patterns): the hub refuses a key outside its forms,
+    while the library, which also reads adapters made elsewhere, runs it as PEFT's regex."""
+    from peft.utils.other import get_pattern_key
+
+    from adapters_ops.adapter import Adapter
+
+    with pytest.raises(v.ValidationError) as info:
+        v.pattern_value({key: 4}, "model.layers.0.self_attn.q_proj", 8)
+    assert info.value.code == "unsupported_pattern"
+    adapter = Adapter(config={"peft_type": "LORA", "r": 8, "rank_pattern": {key: 4}})
+    for module in MODULES:
+        peft = 4 if get_pattern_key([key], module) == key else 8
+        assert adapter._pattern_value("rank_pattern", v.PEFT_PREFIX + module, 8) == peft, (key, module)
