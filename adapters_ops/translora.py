@@ -269,6 +269,13 @@ def _adapter_parse(data: bytes) -> tuple[str, dict, Adapter]:
     return meta["fingerprint"], json.loads(meta["info"]), adapter
 
 
+# Each stage's (dump(fingerprint, info, value) -> bytes, parse(bytes) -> (fingerprint, info, value)).
+_JSONL = (_jsonl_bytes, _jsonl_parse)
+_ADAPTER = (lambda fp, info, adapter: _adapter_bytes(adapter, fp, info), _adapter_parse)
+_METRICS = (lambda fp, metrics, _: json.dumps({"fingerprint": fp, "metrics": metrics}).encode(),
+            lambda data: (json.loads(data)["fingerprint"], json.loads(data)["metrics"], None))
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -1058,58 +1065,38 @@ def run(source_base_dir, adapter: Adapter | str | os.PathLike, target_base_dir, 
     def sub(stage):
         return lambda f, msg: _report(progress, stage, f, msg)
 
-    def jsonl_stage(stage: str, compute) -> list[dict]:
+    def stage(name: str, codec: tuple[Callable, Callable], compute):
+        """One resumable stage: its output from the checkpoint when that holds this run's
+        (same fingerprint), else computed and saved. `compute() -> (value, info)`."""
+        dump, parse = codec
         t0 = time.perf_counter()
-        hit = cached(stage, _jsonl_parse)
+        hit = cached(name, parse)
         if hit is None:
-            _report(progress, stage, 0.0, "started")
-            rows, info = compute()
+            _report(progress, name, 0.0, "started")
+            value, info = compute()
             if checkpoint is not None:
-                checkpoint.save(stage, _jsonl_bytes(fp, info, rows))
+                checkpoint.save(name, dump(fp, info, value))
         else:
-            info, rows = hit
-        report[stage] = info
-        report["seconds"][stage] = round(time.perf_counter() - t0, 2)
-        _report(progress, stage, 1.0, "done")
-        return rows
+            info, value = hit
+        report["seconds"][name] = round(time.perf_counter() - t0, 2)
+        _report(progress, name, 1.0, "done")
+        return value, info
 
     with deterministic(cfg.threads or min(2, os.cpu_count() or 1)):
-        candidates = jsonl_stage("generate", lambda: generate_candidates(
+        candidates, report["generate"] = stage("generate", _JSONL, lambda: generate_candidates(
             source_base_dir, target_base_dir, seeds, cfg, seed=_stage_seed(cfg.seed, "generate"),
             progress=sub("generate")))
-        kept = jsonl_stage("filter", lambda: filter_candidates(
+        kept, report["filter"] = stage("filter", _JSONL, lambda: filter_candidates(
             source_base_dir, target_base_dir, seeds, candidates, cfg, seed=_stage_seed(cfg.seed, "filter"),
             progress=sub("filter")))
-        labelled = jsonl_stage("label", lambda: label(source_base_dir, adapter, seeds, kept, cfg,
-                                                      progress=sub("label")))
-
-        t0 = time.perf_counter()
-        hit = cached("distill", _adapter_parse)
-        if hit is None:
-            _report(progress, "distill", 0.0, "started")
-            result, info = distill(target_base_dir, adapter, labelled, seeds, cfg,
-                                   seed=_stage_seed(cfg.seed, "distill"), target_slug=target_slug,
-                                   progress=sub("distill"), source_base_dir=source_base_dir)
-            if checkpoint is not None:
-                checkpoint.save("distill", _adapter_bytes(result, fp, info))
-        else:
-            info, result = hit
-        report["distill"] = info
-        report["seconds"]["distill"] = round(time.perf_counter() - t0, 2)
-        _report(progress, "distill", 1.0, "done")
-
-        t0 = time.perf_counter()
-        hit = cached("evaluate", lambda d: (json.loads(d)["fingerprint"], json.loads(d)["metrics"], None))
-        if hit is None:
-            _report(progress, "evaluate", 0.0, "started")
-            metrics = evaluate_on(seeds, source_base_dir, adapter, target_base_dir, result)
-            if checkpoint is not None:
-                checkpoint.save("evaluate", json.dumps({"fingerprint": fp, "metrics": metrics}).encode())
-        else:
-            metrics = hit[0]
+        labelled, report["label"] = stage("label", _JSONL, lambda: label(
+            source_base_dir, adapter, seeds, kept, cfg, progress=sub("label")))
+        result, report["distill"] = stage("distill", _ADAPTER, lambda: distill(
+            target_base_dir, adapter, labelled, seeds, cfg, seed=_stage_seed(cfg.seed, "distill"),
+            target_slug=target_slug, progress=sub("distill"), source_base_dir=source_base_dir))
+        _, metrics = stage("evaluate", _METRICS, lambda: (
+            None, evaluate_on(seeds, source_base_dir, adapter, target_base_dir, result)))
         report["seed_metrics"] = metrics
-        report["seconds"]["evaluate"] = round(time.perf_counter() - t0, 2)
-        _report(progress, "evaluate", 1.0, "done")
 
     n = report["generate"]["requested"]
     report["counts"] = {"requested": n, "generated": len(candidates), "kept": len(kept), "labelled": len(labelled)}
