@@ -7,18 +7,20 @@ import inspect
 
 import pytest
 
-from adapters_ops import compeft, compose, evaluate, merge, qalora, transfer, translora
+from adapters_ops import compeft, compose, evaluate, merge, qalora, scale, transfer, translora
 from adapters_ops.adapter import Adapter, as_adapter
 from adapters_ops.errors import AdapterError
 
-MODULES = [compeft, compose, evaluate, merge, qalora, transfer, translora]
+MODULES = [compeft, compose, evaluate, merge, qalora, scale, transfer, translora]
 ACCEPTED = ("AdapterLike", "Adapter | str | os.PathLike")
 
 
 def entry_points():
     for module in MODULES:
         for name, fn in vars(module).items():
-            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+            # a package's entry points live in its submodules (adapters_ops.qalora.model, ...)
+            home = fn.__module__ if inspect.isfunction(fn) else ""
+            if name.startswith("_") or not (home == module.__name__ or home.startswith(module.__name__ + ".")):
                 continue
             for param in ("adapter", "adapters"):
                 if param in inspect.signature(fn).parameters:
