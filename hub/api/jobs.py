@@ -5,8 +5,8 @@ another user's job is a 404, indistinguishable from a missing one."""
 import uuid
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import generics, permissions, status
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import generics, permissions, serializers, status
 from rest_framework.response import Response
 
 from hub.api import serializers as s
@@ -92,6 +92,32 @@ class JobCancel(ApiView):
     def post(self, request, pk):
         job = jobs.job_cancel(job=job_get(request.user, pk))
         return Response(s.JobSerializer(job_get(request.user, job.pk)).data)
+
+
+class TransferAllRequest(serializers.Serializer):
+    target = serializers.CharField(max_length=96, help_text="the base model to move to")
+    params = serializers.DictField(required=False, default=dict,
+                                   help_text="the transfer op's other params (method, finetune_steps, translora, "
+                                             "...), the same for every adapter")
+
+
+class TransferAll(ApiView):
+    """Move every adapter on this base that the caller may write: one transfer job each."""
+
+    permission_classes = [permissions.IsAuthenticated]
+
+    @extend_schema(request=TransferAllRequest, responses={201: inline_serializer("TransferAllResult", {
+        "jobs": s.JobSerializer(many=True),
+        "refused": serializers.ListField(child=serializers.DictField(),
+                                         help_text="adapters the transfer op refused: adapter, error, detail"),
+    })})
+    def post(self, request, slug):
+        ser = TransferAllRequest(data=request.data)
+        ser.is_valid(raise_exception=True)
+        params = {**ser.validated_data["params"], "target": ser.validated_data["target"]}
+        created, refused = jobs.transfer_all(user=request.user, source=slug, params=params)
+        data = [s.JobSerializer(job_get(request.user, j.pk)).data for j in created]
+        return Response({"jobs": data, "refused": refused}, status=status.HTTP_201_CREATED)
 
 
 class AdapterJobs(ApiView, generics.ListAPIView):

@@ -17,6 +17,7 @@ urlpatterns = [
     path("base-models/<str:slug>/", views.BaseModelDetail.as_view(), name="base-model-detail"),
     path("base-models/<str:slug>/deprecate", views.BaseModelDeprecate.as_view(), name="base-model-deprecate"),
     path("base-models/<str:slug>/files/<path:path>", views.BaseModelFile.as_view(), name="base-model-file"),
+    path("base-models/<str:slug>/transfer", job_views.TransferAll.as_view(), name="base-model-transfer"),
     path("adapters/", views.AdapterList.as_view(), name="adapter-list"),
     re_path(rf"^adapters/{OWNER_NAME}/$", views.AdapterDetail.as_view(), name="adapter-detail"),
     re_path(rf"^adapters/{OWNER_NAME}/revisions/$", views.RevisionList.as_view(), name="revision-list"),

@@ -699,19 +699,13 @@ def cmd_transfer(args) -> int:
     if args.name:
         raise UserError("--name names one new adapter: use it with --adapter.")
     with Client() as c:
-        me = c.get(f"{API}/me")
-        owners = {me["username"], *(me.get("orgs") or [])}
-        adapters = [a["id"] for a in c.paginate(f"{API}/adapters/", base_model=source) if a["owner"] in owners]
-        if not adapters:
-            raise UserError(f"No adapter on {source} that {me['username']} may write.")
-        rows = []
-        for repo in adapters:
-            try:
-                job = c.post(f"{API}/jobs/", {"op": "transfer", "params": {
-                    "adapter": repo, **{k: v for k, v in common.items() if v is not None}}})
-                rows.append({"adapter": repo, "job": job})
-            except UserError as exc:
-                rows.append({"adapter": repo, "job": None, "refused": exc.message})
+        # One request: the hub makes a job for every adapter on `source` you may write.
+        shared = {k: v for k, v in common.items() if v is not None and k != "target"}
+        answer = c.post(f"{API}/base-models/{source}/transfer", {"target": target, "params": shared})
+        rows = [{"adapter": j["adapter"], "job": j} for j in answer["jobs"]]
+        rows += [{"adapter": r["adapter"], "job": None, "refused": r["detail"]} for r in answer["refused"]]
+        if not rows:
+            raise UserError(f"No adapter on {source} that you may write.")
         if all(r["job"] is None for r in rows):
             raise UserError(f"The hub refused every transfer: {rows[0]['refused']}")
         note(f"Submitted {sum(1 for r in rows if r['job'])} transfer jobs from {source} to {target}.")

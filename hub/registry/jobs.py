@@ -21,7 +21,7 @@ from adapters_ops import opspecs
 from hub import queue
 
 from . import selectors, webhooks
-from .models import Job
+from .models import Adapter, Job
 from .services import Conflict, Forbidden, check_can_write
 from .validation import ValidationError
 
@@ -78,16 +78,21 @@ def enqueue_on_commit(job: Job, countdown: float | None = None) -> None:
 # --- services ------------------------------------------------------------------------------
 
 
+def clean_params(op, params) -> tuple[opspecs.OpSpec, dict]:
+    """The op's declaration and the request's params checked against it (ValidationError: a 400)."""
+    try:
+        spec = opspecs.get(op)
+        return spec, spec.clean(params)
+    except opspecs.ParamError as exc:
+        field = "op" if exc.code == "unknown_op" else f"params.{exc.field}" if exc.field else "params"
+        raise ValidationError(exc.code, exc.detail, field=field) from None
+
+
 def job_create(*, user, op, params=None) -> Job:
     """Validate the request against the op's declaration, create the row, enqueue on commit."""
     if user is None or not user.is_authenticated:
         raise Forbidden("Sign in (a token) to start a job.")
-    try:
-        spec = opspecs.get(op)
-        cleaned = spec.clean(params)
-    except opspecs.ParamError as exc:
-        field = "op" if exc.code == "unknown_op" else f"params.{exc.field}" if exc.field else "params"
-        raise ValidationError(exc.code, exc.detail, field=field) from None
+    spec, cleaned = clean_params(op, params)
     adapter = None
     if spec.writes and cleaned.get(spec.writes):
         owner, name = cleaned[spec.writes].split("/", 1)
@@ -122,6 +127,27 @@ def job_create(*, user, op, params=None) -> Job:
         )
         enqueue_on_commit(job)
     return job
+
+
+def transfer_all(*, user, source: str, params: dict) -> tuple[list[Job], list[dict]]:
+    """One transfer job per adapter on the base `source` that `user` may write (`hubctl
+    transfer --from A --to B`, one request). `params` are the transfer op's but `adapter`
+    and `name`. Returns the jobs and, per adapter the op's checks refused, its error."""
+    if not isinstance(params, dict) or {"adapter", "name"} & set(params):
+        raise ValidationError("invalid_params", "params are the transfer op's, without adapter and name (each "
+                              "adapter keeps its own name).", field="params")
+    base = selectors.base_model_get(source)  # 404, with the registered slugs
+    # the shared params, checked once: a mistake there is one 400, not one refusal per adapter
+    clean_params("transfer", {**params, "adapter": "owner/name"})
+    selectors.base_model_get(params.get("target"))
+    jobs, refused = [], []
+    with transaction.atomic():  # all jobs or none (each is sent once this commits)
+        for adapter in Adapter.objects.writable_by(user).filter(base_model=base).order_by("owner", "name"):
+            try:
+                jobs.append(job_create(user=user, op="transfer", params={**params, "adapter": adapter.repo_id}))
+            except (ValidationError, Forbidden, Conflict) as exc:  # this adapter's own problem (no seeds, ...)
+                refused.append({"adapter": adapter.repo_id, "error": exc.code, "detail": exc.detail})
+    return jobs, refused
 
 
 def job_cancel(*, job: Job) -> Job:

@@ -24,6 +24,7 @@ class FakeHub:
         self.jobs: dict[str, dict] = {}
         self.gets: dict[str, int] = {}
         self.cancelled: list[str] = []
+        self.fanouts: list[dict] = []
         self.adapters = [
             {"id": "alice/a", "owner": "alice"}, {"id": "alice/bad", "owner": "alice"},
             {"id": "acme/c", "owner": "acme"}, {"id": "bob/d", "owner": "bob"},
@@ -44,6 +45,16 @@ class FakeHub:
         if m := re.fullmatch(r"/api/v1/adapters/([^/]+)/([^/]+)/revisions/", path):
             return self.reply(200, {"count": 1, "next": None, "results": [
                 {"sha": SHA, "kind": "transfer", "metrics": {"score_before": 0.41, "score_after": 0.87}}]})
+        if path == "/api/v1/base-models/llama3.0/transfer" and method == "POST":
+            # the hub's fan-out: one job per adapter on the base that alice (and acme) may write
+            body = json.loads(request.content)
+            self.fanouts.append(body)
+            jobs = []
+            for a in self.adapters:
+                if a["owner"] in ("alice", "acme"):
+                    job = self.new_job("transfer", {"adapter": a["id"], "target": body["target"], **body["params"]})
+                    jobs.append({**job, "adapter": a["id"]})
+            return self.reply(201, {"jobs": jobs, "refused": []})
         if path == "/api/v1/jobs/" and method == "POST":
             body = json.loads(request.content)
             self.posts.append(body)
@@ -51,10 +62,7 @@ class FakeHub:
                 return self.reply(400, {"error": "unknown_op", "detail": "Unknown op 'bogus'; known ops: compress."})
             if body["op"] == "explode":
                 return self.reply(500, {"error": "server_error", "detail": "A server error occurred."})
-            job = {"id": str(uuid.uuid4()), "op": body["op"], "params": body["params"], "status": "queued",
-                   "progress": 0.0, "message": "", "error": "", "result": None, "attempts": 0}
-            self.jobs[job["id"]] = job
-            return self.reply(201, job)
+            return self.reply(201, self.new_job(body["op"], body["params"]))
         if path == "/api/v1/jobs/" and method == "GET":
             return self.reply(200, {"count": len(self.jobs), "next": None, "results": list(self.jobs.values())})
         if m := re.fullmatch(r"/api/v1/jobs/([^/]+)/cancel", path):
@@ -67,6 +75,12 @@ class FakeHub:
             self.step(job)
             return self.reply(200, job)
         return self.reply(404, {"error": "not_found", "detail": f"No route {method} {path}."})
+
+    def new_job(self, op, params):
+        job = {"id": str(uuid.uuid4()), "op": op, "params": params, "status": "queued",
+               "progress": 0.0, "message": "", "error": "", "result": None, "attempts": 0}
+        self.jobs[job["id"]] = job
+        return job
 
     def step(self, job):
         n = self.gets[job["id"]] = self.gets.get(job["id"], 0) + 1
@@ -188,10 +202,9 @@ def test_jobs_list_show_watch_cancel(fake, hubctl):
 
 def test_transfer_every_writable_adapter_with_a_table(fake, hubctl):
     r = hubctl("transfer", "--from", "llama3.0", "--to", "llama3.1", "--method", "diff", token="hub_ok")
-    # bob/d is not alice's to write: three jobs, one of which fails.
-    assert [p["params"]["adapter"] for p in fake.posts] == ["alice/a", "alice/bad", "acme/c"]
-    assert all(p["params"] == {"adapter": p["params"]["adapter"], "target": "llama3.1", "method": "diff"}
-               for p in fake.posts)
+    # one request: the hub made the jobs (bob/d is not alice's to write: three, one of which fails)
+    assert fake.fanouts == [{"target": "llama3.1", "params": {"method": "diff"}}] and fake.posts == []
+    assert [j["params"]["adapter"] for j in fake.jobs.values()] == ["alice/a", "alice/bad", "acme/c"]
     assert r.code == 1 and "1 of 3 transfers did not succeed: alice/bad" in r.err
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in r.out.splitlines() if line.startswith("│")]
     assert cells == [

@@ -195,3 +195,40 @@ def test_web_side_imports_no_torch():
     assert forbidden_modules_after(imports, also=("workers",)) == []
     # The worker app on top of it still loads no op module (and so no torch) until a task runs.
     assert forbidden_modules_after("import workers.app, sys") == []
+
+
+# --- transfer every adapter of a base, in one request ------------------------------------------------
+
+
+def test_transfer_all_makes_one_job_per_writable_adapter(api, adapters, user):
+    from hub.registry.models import Adapter, BaseModel, Job
+
+    base = adapters.base_model
+    target = BaseModel.objects.create(slug="next", family="tiny", manifest=base.manifest)
+    Adapter.objects.create(owner=user.username, name="second", base_model=base)
+    r = api.post(f"/api/v1/base-models/{base.slug}/transfer", {"target": "next", "params": {"method": "diff"}},
+                 format="json")
+    assert r.status_code == 201, r.json()
+    body = r.json()
+    # mallory's adapters are not alice's to move; each job names its own adapter
+    assert sorted(j["params"]["adapter"] for j in body["jobs"]) == ["alice/lora", "alice/second"]
+    assert body["refused"] == []
+    assert all(j["params"]["target"] == target.slug and j["params"]["method"] == "diff" for j in body["jobs"])
+    assert Job.objects.filter(op="transfer").count() == 2
+
+
+@pytest.mark.parametrize("body,code,error", [
+    ({"target": "nowhere"}, 404, "base_model_not_found"),  # one answer, not one refusal per adapter
+    ({"target": "next", "params": {"method": "teleport"}}, 400, "invalid_params"),
+    ({"target": "next", "params": {"adapter": "alice/lora"}}, 400, "invalid_params"),
+    ({"target": "next", "params": {"translora": {"stepz": 1}}}, 400, "invalid_params"),
+])
+def test_transfer_all_refuses_shared_mistakes_and_makes_no_job(api, adapters, body, code, error):
+    from hub.registry.models import BaseModel, Job
+
+    BaseModel.objects.create(slug="next", family="tiny", manifest=adapters.base_model.manifest)
+    r = api.post(f"/api/v1/base-models/{adapters.base_model.slug}/transfer", body, format="json")
+    assert (r.status_code, r.json()["error"]) == (code, error)
+    assert Job.objects.count() == 0
+    r = api.post("/api/v1/base-models/missing/transfer", {"target": "next"}, format="json")
+    assert r.status_code == 404 and Job.objects.count() == 0
