@@ -4,13 +4,8 @@ and `rotate`: store it where the receiver verifies signatures."""
 
 from __future__ import annotations
 
+from hub.cli import output
 from hub.cli.client import API, Client, UserError
-
-
-def _cli():
-    from hub.cli import main  # the output helpers; imported late, main imports this module
-
-    return main
 
 
 def _path(hook_id: str, tail: str = "") -> str:
@@ -21,10 +16,9 @@ def _path(hook_id: str, tail: str = "") -> str:
 
 
 def _show_secret(hook: dict) -> None:
-    cli = _cli()
-    cli.out(f"Webhook {hook['id']} ({hook['owner']} -> {hook['url']}; events {', '.join(hook['events'])}).")
-    cli.out(f"secret: {hook['secret']}")
-    cli.note("The secret is shown only now: the receiver verifies each delivery's signature with it.")
+    output.out(f"Webhook {hook['id']} ({hook['owner']} -> {hook['url']}; events {', '.join(hook['events'])}).")
+    output.out(f"secret: {hook['secret']}")
+    output.note("The secret is shown only now: the receiver verifies each delivery's signature with it.")
 
 
 def cmd_add(args) -> int:
@@ -33,33 +27,32 @@ def cmd_add(args) -> int:
     with Client() as c:
         hook = c.post(f"{API}/webhooks/", {k: v for k, v in body.items() if v is not None})
     if args.json:
-        _cli().dump_json(hook)
+        output.dump_json(hook)
     else:
         _show_secret(hook)
     return 0
 
 
 def cmd_list(args) -> int:
-    cli = _cli()
     with Client() as c:
         hooks = list(c.paginate(f"{API}/webhooks/"))
-    return cli.listing(hooks, args.json, "No webhooks. Add one with: hubctl webhook add URL",
+    return output.listing(hooks, args.json, "No webhooks. Add one with: hubctl webhook add URL",
                        ["id", "owner", "url", "events", "active", "created"],
                        lambda h: [h["id"], h["owner"], h["url"], ",".join(h["events"]), "yes" if h["active"] else "no",
-                                  cli.short_time(h["created_at"])])
+                                  output.short_time(h["created_at"])])
 
 
 def cmd_rm(args) -> int:
     with Client() as c:
         c.json("DELETE", _path(args.id))
-    _cli().out(f"Webhook {args.id} deleted.")
+    output.out(f"Webhook {args.id} deleted.")
     return 0
 
 
 def cmd_set_active(args) -> int:
     with Client() as c:
         hook = c.json("PATCH", _path(args.id), json={"active": args.active})
-    _cli().out(f"Webhook {hook['id']} {'enabled' if hook['active'] else 'disabled'}.")
+    output.out(f"Webhook {hook['id']} {'enabled' if hook['active'] else 'disabled'}.")
     return 0
 
 
@@ -72,18 +65,17 @@ def cmd_rotate(args) -> int:
 def cmd_ping(args) -> int:
     with Client() as c:
         d = c.post(_path(args.id, "ping"))
-    _cli().out(f"Ping queued as delivery {d['id']}; see `hubctl webhook deliveries {args.id}`.")
+    output.out(f"Ping queued as delivery {d['id']}; see `hubctl webhook deliveries {args.id}`.")
     return 0
 
 
 def cmd_deliveries(args) -> int:
-    cli = _cli()
     with Client() as c:
         rows = list(c.paginate(_path(args.id, "deliveries")))
-    return cli.listing(rows, args.json, "No deliveries yet.",
+    return output.listing(rows, args.json, "No deliveries yet.",
                        ["id", "event", "status", "attempts", "http", "error", "created"],
                        lambda d: [d["id"], d["event"], d["status"], d["attempts"], d.get("response_status") or "",
-                                  cli.last_line(d.get("error") or ""), cli.short_time(d["created_at"])])
+                                  output.last_line(d.get("error") or ""), output.short_time(d["created_at"])])
 
 
 def add_parsers(sub, as_json) -> None:
