@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import diff, progress, webhook
+from hub.cli import diff, progress, tables, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -278,8 +278,11 @@ def cmd_base_show(args) -> int:
     files = base.get("files") or []
     if files:
         table(["path", "size", "sha256"], [[f["path"], human_size(f["size"]), f["sha256"][:16]] for f in files])
-    # Keys this version of hubctl does not know (a retransfer plan, say) are shown as they come.
-    extra = {k: v for k, v in base.items() if k not in BASE_SHOWN + ("manifest", "files", "config")}
+    plan = base.get("retransfer")
+    if plan:
+        table(tables.RETRANSFER_COLUMNS, tables.retransfer_rows(plan), title=f"retransfer to {base.get('successor')}")
+    # Keys this version of hubctl does not know are shown as they come.
+    extra = {k: v for k, v in base.items() if k not in BASE_SHOWN + ("manifest", "files", "config", "retransfer")}
     for key, value in extra.items():
         text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
         out(f"{key}:\n{text}" if "\n" in str(text) else f"{key + ':':14} {text}")
@@ -730,6 +733,8 @@ def cmd_transfer(args) -> int:
     if args.name:
         raise UserError("--name names one new adapter: use it with --adapter.")
     with Client() as c:
+        for base in (source, target):  # an unknown slug: the hub's 404 names the registered ones
+            c.get(f"{API}/base-models/{base}/")
         me = c.get(f"{API}/me")
         owners = {me["username"], *(me.get("orgs") or [])}
         adapters = [a["id"] for a in c.paginate(f"{API}/adapters/", base_model=source) if a["owner"] in owners]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 
 from .models import Adapter, BaseModel, Blob, Ref, Revision
@@ -31,8 +32,20 @@ def adapter_get(user, owner: str, name: str) -> Adapter:
 def base_model_get(slug: str) -> BaseModel:
     base = BaseModel.objects.filter(slug=slug).select_related("successor").first()
     if base is None:
-        raise NotFound("base_model_not_found", f"Base model '{slug}' is not registered.")
+        raise NotFound("base_model_not_found", unknown_base_detail(slug))
     return base
+
+
+def unknown_base_detail(slug: str, limit: int = 20) -> str:
+    """Why `slug` was refused, with the registered slugs and the closest ones:
+    `llama3.0` is a typo of `tiny-llama-3.0` far more often than a new model."""
+    slugs = list(BaseModel.objects.order_by("slug").values_list("slug", flat=True))
+    if not slugs:
+        return f"Base model '{slug}' is not registered; no base model is registered yet."
+    close = difflib.get_close_matches(slug, slugs, n=3, cutoff=0.6)
+    shown = ", ".join(slugs[:limit]) + (f" and {len(slugs) - limit} more" if len(slugs) > limit else "")
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"Base model '{slug}' is not registered. Registered: {shown}.{hint}"
 
 
 def revision_resolve(adapter: Adapter, rev: str | None = None) -> Revision:
