@@ -14,11 +14,12 @@ FILE = "demo-status.json"
 STATES = ("building", "ready", "failed")
 
 
-def write(home: Path, state: str, detail: str = "", log: list[str] | None = None) -> None:
+def write(home: Path, state: str, detail: str = "", log: list[str] | None = None, zoo: str = "") -> None:
+    """`zoo`: the folder the demo was registered from (`hubctl demo path` prints it)."""
     assert state in STATES, state
     path = Path(home) / FILE
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"state": state, "detail": detail, "log": list(log or [])[-20:],
+    tmp.write_text(json.dumps({"state": state, "detail": detail, "log": list(log or [])[-20:], "zoo": zoo,
                                "at": time.strftime("%Y-%m-%d %H:%M:%S")}))
     os.replace(tmp, path)  # readers never see half a file
 

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import diff, progress, tables, webhook
+from hub.cli import demo, diff, progress, tables, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -947,6 +947,7 @@ def build_parser() -> Parser:
 
     diff.add_parsers(sub)
     webhook.add_parsers(sub, as_json)
+    demo.add_parsers(sub)
     return p
 
 

@@ -368,25 +368,32 @@ def _seed_demo(home: Path, env: dict, sup: Supervisor) -> None:
         say("demo skipped: adapters_ops.zoo is not available")
         demo_status.write(home, "failed", "adapters_ops.zoo is not installed")
         return
-    zoo = home / "zoo"
+    zoo = home / "zoo"  # a zoo built here by an earlier serve, if any
     if not (zoo / ZOO_STAMP).is_file():  # the zoo writes its stamp last
-        say(f"building the demo zoo in {zoo} (tiny models, once; about two minutes; the hub already answers)")
-        demo_status.write(home, "building", f"building the demo zoo in {zoo}")
+        # `zoo path` builds the zoo once per machine (ZOO_CACHE, default ~/.cache/adapter-hub/zoo,
+        # keyed by the recipe's hash) and prints its folder: a second hub, or the test suite,
+        # reuses it in seconds.
+        say("finding or building the demo zoo (tiny models, once per machine: about two minutes; "
+            "the hub already answers)")
+        demo_status.write(home, "building", "building the demo zoo (about two minutes on a first start)")
         t0 = time.monotonic()
-        build = sup.start("zoo", [sys.executable, "-m", "adapters_ops.zoo", "build", str(zoo)], env, PROJECT_ROOT)
+        build = sup.start("zoo", [sys.executable, "-m", "adapters_ops.zoo", "path"], env, PROJECT_ROOT)
         while build.alive() and not sup.stop_requested.wait(0.5):
             pass
         if sup.stop_requested.is_set():
             return
         sup.forget(build)
-        if build.proc.returncode != 0:
+        found = Path(build.tail[-1]) if build.tail else None
+        if build.proc.returncode != 0 or found is None or not (found / ZOO_STAMP).is_file():
             detail = f"the zoo build {exit_text(build.proc.returncode)}"
             say(f"demo skipped: {detail} (see the zoo lines above); the hub keeps serving")
             demo_status.write(home, "failed", detail, list(build.tail))
             return
-        say(f"zoo built in {time.monotonic() - t0:.0f}s")
+        zoo = found
+        say(f"demo zoo ready in {time.monotonic() - t0:.0f}s: {zoo}")
+    demo_status.write(home, "building", f"registering the demo zoo from {zoo}", zoo=str(zoo))
     call_command("seed_demo", str(zoo), user=ADMIN, stdout=_Prefixed("demo"))
-    demo_status.write(home, "ready", f"demo zoo in {zoo}")
+    demo_status.write(home, "ready", f"demo registered from {zoo}", zoo=str(zoo))
 
 
 class _Prefixed:

@@ -70,31 +70,31 @@ def refs_of(revision: Revision) -> list[str]:
 
 
 def lineage(user, adapter: Adapter, depth: int = 20) -> dict:
-    """The lineage DAG around an adapter: its revisions, their ancestors and
-    descendants (across adapters), limited to what the user may see."""
+    """The lineage DAG around an adapter: its revisions, their ancestors (walking
+    up only) and descendants (walking down only), across adapters, limited to
+    what the user may see. A merge parent's other children are not this
+    adapter's family and stay out."""
     visible = set(Adapter.objects.visible_to(user).values_list("id", flat=True))
     start = list(adapter.revisions.all())
     seen: dict[int, Revision] = {r.id: r for r in start}
-    frontier = list(start)
     edges: set[tuple[int, int]] = set()
-    for _ in range(depth):
-        nxt = []
-        for rev in frontier:
-            for p in rev.parents.select_related("adapter"):
-                if p.adapter_id in visible:
-                    edges.add((p.id, rev.id))
-                    if p.id not in seen:
-                        seen[p.id] = p
-                        nxt.append(p)
-            for c in rev.children.select_related("adapter"):
-                if c.adapter_id in visible:
-                    edges.add((rev.id, c.id))
-                    if c.id not in seen:
-                        seen[c.id] = c
-                        nxt.append(c)
-        if not nxt:
-            break
-        frontier = nxt
+    for direction in ("parents", "children"):
+        frontier = list(start)
+        walked = {r.id for r in start}  # per direction: a node reached going up may also lie below another revision
+        for _ in range(depth):
+            nxt = []
+            for rev in frontier:
+                for other in getattr(rev, direction).select_related("adapter"):
+                    if other.adapter_id not in visible:
+                        continue
+                    edges.add((other.id, rev.id) if direction == "parents" else (rev.id, other.id))
+                    seen.setdefault(other.id, other)
+                    if other.id not in walked:
+                        walked.add(other.id)
+                        nxt.append(other)
+            if not nxt:
+                break
+            frontier = nxt
     revs = Revision.objects.filter(id__in=seen).select_related("adapter", "base_model", "job")
     nodes = [
         {
