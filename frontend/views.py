@@ -53,6 +53,13 @@ def upload_error_field(field: str | None) -> str | None:
     return field if field in UPLOAD_FIELDS else None
 
 
+@require_GET
+def favicon(request):
+    from django.templatetags.static import static
+
+    return redirect(static("frontend/favicon.svg"), permanent=True)
+
+
 # --- browse -------------------------------------------------------------------------------
 
 

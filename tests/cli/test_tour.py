@@ -79,7 +79,7 @@ def test_readme_tour_runs_as_written(tmp_path, zoo_dir, redis_url):
         elapsed = time.monotonic() - t0
         text = log_path.read_text()
         assert rc == 0, text[-6000:]
-        print(f"README tour: {elapsed:.0f} s")
+        print(f"README tour: {elapsed:.0f} s\n{text}")  # shown with -s or on failure
 
         # What the tour shows happened.
         assert (work / "reverse" / "adapter_model.safetensors").is_file()
