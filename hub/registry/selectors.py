@@ -71,9 +71,10 @@ def refs_of(revision: Revision) -> list[str]:
 
 def lineage(user, adapter: Adapter, depth: int = 20) -> dict:
     """The lineage DAG around an adapter: its revisions, their ancestors (walking
-    up only) and descendants (walking down only), across adapters, limited to
-    what the user may see. A merge parent's other children are not this
-    adapter's family and stay out."""
+    up only), their descendants (walking down only) with each descendant's
+    other inputs (a merge's other parent), across adapters, limited to what the
+    user may see. The other parent's own children are not this adapter's
+    family and stay out."""
     visible = set(Adapter.objects.visible_to(user).values_list("id", flat=True))
     start = list(adapter.revisions.all())
     seen: dict[int, Revision] = {r.id: r for r in start}
@@ -95,6 +96,12 @@ def lineage(user, adapter: Adapter, depth: int = 20) -> dict:
             if not nxt:
                 break
             frontier = nxt
+        if direction == "children":  # a descendant's other inputs (a merge's other parent), not their relatives
+            for rev in [seen[i] for i in walked - {r.id for r in start}]:
+                for other in rev.parents.select_related("adapter"):
+                    if other.adapter_id in visible:
+                        edges.add((other.id, rev.id))
+                        seen.setdefault(other.id, other)
     revs = Revision.objects.filter(id__in=seen).select_related("adapter", "base_model", "job")
     nodes = [
         {

@@ -1,6 +1,6 @@
 """selectors.lineage shows an adapter's own family: its revisions, their
-ancestors and their descendants, not the children of a merge parent that have
-nothing to do with it (the page's graph, GET .../lineage and `hubctl lineage`
+ancestors, their descendants and the other inputs of those (a merge's other
+parent), not that parent's children, which have nothing to do with it (the page's graph, GET .../lineage and `hubctl lineage`
 share it)."""
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ def test_lineage_is_the_adapters_family(db, user):
     m, m1 = make_adapter("alice", "m", base, kind="merge", parents=[a1, b1])
     make_adapter("alice", "d", base, kind="compeft", parents=[m1])
 
-    assert names(lineage(user, a)) == {"alice/a:upload", "alice/m:merge", "alice/d:compeft"}
+    # the merge's other input is shown (what a was merged with), not b's other children
+    assert names(lineage(user, a)) == {"alice/a:upload", "alice/m:merge", "alice/d:compeft", "alice/b:upload"}
     assert names(lineage(user, m)) == {"alice/a:upload", "alice/b:upload", "alice/m:merge", "alice/d:compeft"}
     assert names(lineage(user, b)) == {"alice/b:upload", "alice/b:compeft", "alice/b-moved:transfer",
-                                       "alice/m:merge", "alice/d:compeft"}
+                                       "alice/m:merge", "alice/d:compeft", "alice/a:upload"}
+    stranger, _ = make_adapter("alice", "a-only", base, kind="compeft", parents=[a1])
+    assert "alice/a-only:compeft" not in names(lineage(user, b))  # a's other child: not b's family
     graph = lineage(user, m)
     shas = {n["id"]: f"{n['adapter']}:{n['kind']}" for n in graph["nodes"]}
     assert sorted((shas[e["parent"]], shas[e["child"]]) for e in graph["edges"]) == [
