@@ -6,7 +6,7 @@ page logs a console error (htmx, a missing favicon, a failed request)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -59,7 +59,7 @@ def test_deprecation_form_starts_from_the_current_deprecation(page, staff_user):
 
     new = make_base("tiny-llama-3.1")
     make_base("tiny-llama-3.2")
-    when = datetime(2027, 1, 2, 9, 30, tzinfo=timezone.utc)
+    when = datetime(2027, 1, 2, 9, 30, tzinfo=UTC)
     make_base("tiny-llama-3.0", status="deprecated", successor=new, deprecate_at=when)
     sign_in(page, "admin")
     page.goto("/bases/tiny-llama-3.0/")
