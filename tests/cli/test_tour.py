@@ -9,8 +9,10 @@ machine's Redis (REDIS_URL), the database SQLite under HUB_HOME.
 
 The demo zoo comes from the machine-wide cache that `hubctl serve` and the
 test suite share (`adapters_ops.zoo.ensure_built`): built here first if it is
-missing, so the tour measures the hub, not the zoo build. On the 2-core
-development machine the tour took about 60-90 s with the zoo cached.
+missing (about 107 s on the 2-core development machine), so the tour measures
+the hub, not the zoo build. With the zoo cached the whole tour, serve's start
+to the Hugging Face download, took 11-23 s there (2 cores shared with other
+jobs).
 
 Then, on the same hub, the headline story with the slugs a user would guess:
 `hubctl transfer --from llama3.0 --to llama3.1` is refused with the registered
