@@ -75,6 +75,7 @@ def test_deprecation_form_starts_from_the_current_deprecation(page, staff_user):
 
 def test_filters_do_not_clip_their_text(page, user):
     make_base("tiny-llama-3.0")
+    make_base("a-very-long-base-model-slug-of-some-organization-70b-instruct-awq")  # a wide option
     page.goto("/?sort=downloads")
     for viewport in (DESKTOP, PHONE):
         page.set_viewport_size(viewport)
@@ -93,6 +94,7 @@ def test_filters_do_not_clip_their_text(page, user):
             return out;
         }""")
         assert clipped == [], (viewport, clipped)
+        assert page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
 
 
 def test_no_console_errors_on_any_page(page, user, staff_user, broker):
