@@ -492,6 +492,8 @@ def serve(args) -> int:
             wait_for_redis(env["REDIS_URL"], redis.child)
             say(f"embedded Redis on {env['REDIS_URL']} (data in {rdir})")
         say(f"data in {home}")
+        if not args.no_demo:  # not the last run's "ready": `hubctl demo path --wait` waits for this start
+            demo_status.write(home, "building", "the hub is starting")
         ensure_secret_key(home)
         django_setup(env)
         migrate()
