@@ -344,8 +344,12 @@ def admin_has_password() -> bool:
 
 
 def password_hint(home: Path) -> str:
-    """The command that sets admin's web password, runnable from any folder."""
-    return f"HUB_HOME={home} {sys.executable} {PROJECT_ROOT / 'manage.py'} changepassword {ADMIN}"
+    """The command that sets admin's web password, runnable from any folder (also
+    where the project is installed without its manage.py)."""
+    manage = PROJECT_ROOT / "manage.py"
+    if manage.is_file():
+        return f"HUB_HOME={home} {sys.executable} {manage} changepassword {ADMIN}"
+    return f"HUB_HOME={home} DJANGO_SETTINGS_MODULE=hub.settings {sys.executable} -m django changepassword {ADMIN}"
 
 
 def seed_demo(home: Path, env: dict, sup: Supervisor) -> None:
