@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make serve   install, then start the hub on its embedded defaults at http://127.0.0.1:8000
 #   make test    install, then run the whole test suite
+#   make screenshots  refresh docs/screenshots/ from the browser tests (make test never touches them)
 # and the lock's upkeep (docs/install.md):
 #   make lock         resolve today's latest versions within pyproject's ranges into requirements/*.lock
 #   make test-latest  the suite in a separate venv resolved fresh, without the lock: drift shows here first
@@ -17,7 +18,7 @@ TORCH_FIND_LINKS ?= /opt/wheels
 LATEST_VENV = .venv-latest
 LOCK_VENV = .venv-lock
 
-.PHONY: install serve test test-latest lock lint bench clean
+.PHONY: install serve test test-latest lock lint bench clean screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +40,11 @@ serve: install
 
 test: install
 	bash scripts/test.sh
+
+# The browser tests write their screenshots to test-artifacts/ (ignored) so `make test`
+# leaves the checkout clean; this refreshes the README's copies in docs/screenshots/.
+screenshots: install
+	UPDATE_SCREENSHOTS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests/browser
 
 # The same suite on whatever the resolver picks today (the lock ignored). Run it before
 # `make lock`, and weekly: a failure here is the next fresh-install break, seen early.

@@ -91,9 +91,10 @@ def sft_examples(items: list[dict]) -> tuple[list[list[int]], list[list[bool]]]:
 
 
 def train(model, seqs, masks, *, steps: int, batch_size: int, lr: float, seed: int,
-          warmup: int = 20, weight_decay: float = 0.0) -> float:
+          warmup: int = 20, weight_decay: float = 0.0, on_step=None) -> float:
     """AdamW with linear warmup and cosine decay over seeded random batches.
-    Returns the mean loss of the last 20 steps."""
+    Returns the mean loss of the last 20 steps. `on_step(done, loss)`, if given,
+    is called after each step (progress output; it must not touch the model)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -112,6 +113,8 @@ def train(model, seqs, masks, *, steps: int, batch_size: int, lr: float, seed: i
         sched.step()
         if step >= steps - 20:
             tail.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, loss.detach())
     model.eval()
     return sum(tail) / max(1, len(tail))
 

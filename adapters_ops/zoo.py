@@ -142,6 +142,21 @@ def _log(msg: str) -> None:
     print(f"zoo: {msg}", flush=True)
 
 
+class _Ticker:
+    """`on_step` for training: a progress line every `every` seconds, so a build
+    never sits silent for long (the first base alone trains for about a minute)."""
+
+    def __init__(self, log, what: str, steps: int, every: float = 10.0):
+        self.log, self.what, self.steps, self.every = log, what, steps, every
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, loss) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every and done < self.steps:
+            self.last = now
+            self.log(f"{self.what}: step {done}/{self.steps}, loss {float(loss):.3f}, {now - self.t0:.0f} s")
+
+
 def _write_jsonl(path: Path, items: list[dict]) -> None:
     path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
 
@@ -167,6 +182,8 @@ def _build_into(out: Path, recipe: Recipe, log=_log) -> dict:
     with T.deterministic():
         for spec in recipe.bases:
             t0 = time.perf_counter()
+            log(f"base {spec.slug}: training {spec.steps} steps on {spec.docs} documents"
+                + (f" from {spec.parent}" if spec.parent else ""))
             if spec.parent:
                 model = copy.deepcopy(models[spec.parent])
             else:
@@ -175,7 +192,7 @@ def _build_into(out: Path, recipe: Recipe, log=_log) -> dict:
                 model = T.new_model(cfg, spec.init_seed)
             seqs, masks = T.lm_examples(D.corpus(dict(spec.mix), spec.docs, spec.data_seed, spec.lexicon_seed))
             loss = T.train(model, seqs, masks, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
-                           seed=spec.data_seed)
+                           seed=spec.data_seed, on_step=_Ticker(log, f"base {spec.slug}", spec.steps))
             models[spec.slug] = model
             d = out / "bases" / spec.slug
             model.save_pretrained(str(d))
@@ -211,11 +228,13 @@ def _build_into(out: Path, recipe: Recipe, log=_log) -> dict:
             })
 
             t0 = time.perf_counter()
+            log(f"adapter {name}: training {recipe.lora_steps} steps on {len(splits['train'])} examples")
             peft_model = T.lora_model(copy.deepcopy(models[recipe.lora_base]), recipe.lora_r, recipe.lora_alpha,
                                       recipe.lora_seed)
             seqs, masks = T.sft_examples(splits["train"])
             loss = T.train(peft_model, seqs, masks, steps=recipe.lora_steps, batch_size=recipe.lora_batch,
-                           lr=recipe.lora_lr, seed=recipe.lora_seed)
+                           lr=recipe.lora_lr, seed=recipe.lora_seed,
+                           on_step=_Ticker(log, f"adapter {name}", recipe.lora_steps))
             adir = out / "adapters" / name
             peft_model.save_pretrained(str(adir))
             conf = json.loads((adir / "adapter_config.json").read_text())
@@ -248,6 +267,8 @@ def build(dir: str | os.PathLike, force: bool = False, recipe: Recipe | str = "f
         log(f"{out} is up to date (recipe {recipe.name} {digest}): skipped")
         return out
     t0 = time.perf_counter()
+    log(f"building {out} (recipe {recipe.name} {digest}): {len(recipe.bases)} bases, {len(recipe.skills)} "
+        f"skill adapters; progress every 10 s")
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)  # a half-written zoo must not look complete
     for part in _PARTS:

@@ -49,12 +49,18 @@ class UploadForm(forms.Form):
 
 
 class DeprecateForm(forms.Form):
+    """Deprecate a base model, or change a deprecation: it starts from the base's
+    current successor and date, so saving it unchanged changes nothing."""
+
     successor = forms.ChoiceField(label="Successor", required=False)
-    at = forms.DateTimeField(label="Deprecated from", required=False,
-                             widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+    at = forms.DateTimeField(label="Deprecated from (UTC)", required=False,
+                             widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
                              help_text="Empty: now.")
 
     def __init__(self, *args, base=None, **kwargs):
+        if base is not None and base.status != "active":
+            kwargs.setdefault("initial", {"successor": base.successor.slug if base.successor else "",
+                                          "at": base.deprecate_at})
         super().__init__(*args, **kwargs)
         others = BaseModel.objects.exclude(pk=getattr(base, "pk", None)).values_list("slug", flat=True)
         self.fields["successor"].choices = [("", "No successor")] + [(s, s) for s in others]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-NODE_W, NODE_H = 184, 58
+NODE_W, NODE_H = 204, 62  # room for 24 characters at 13 px: the SVG is never scaled down
 GAP_X, GAP_Y = 24, 44
 PAD = 8
 
@@ -64,11 +64,11 @@ class Node:
 
     @property
     def ty2(self) -> int:
-        return self.y + 37
+        return self.y + 39
 
     @property
     def ty3(self) -> int:
-        return self.y + 52
+        return self.y + 55
 
     @property
     def cx(self) -> float:

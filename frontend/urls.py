@@ -12,6 +12,7 @@ OWNER_NAME = "adapters/<str:owner>/<str:name>/"
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("favicon.ico", views.favicon, name="favicon"),  # what browsers ask for on pages without an icon link
     path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html",
                                                 redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="frontend:home"), name="logout"),

@@ -20,6 +20,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from adapters_ops import opspecs
+from hub import demo_status
 from hub.registry import jobs as job_services
 from hub.registry import plans, selectors, services
 from hub.registry import webhooks as webhook_services
@@ -53,6 +54,13 @@ def upload_error_field(field: str | None) -> str | None:
     return field if field in UPLOAD_FIELDS else None
 
 
+@require_GET
+def favicon(request):
+    from django.templatetags.static import static
+
+    return redirect(static("frontend/favicon.svg"), permanent=True)
+
+
 # --- browse -------------------------------------------------------------------------------
 
 
@@ -69,8 +77,16 @@ def home(request):
     params.pop("page", None)
     tags = Tag.objects.filter(adapters__in=visible).distinct().order_by("name").values_list("name", flat=True)
     return render(request, "frontend/home.html", {
-        "form": form, "page": page, "query": params.urlencode(), "tags": list(tags)[:200],
+        "form": form, "page": page, "query": params.urlencode(), "tags": list(tags)[:200], "demo": _demo_notice(),
     })
+
+
+def _demo_notice() -> dict | None:
+    """`hubctl serve`'s demo while it builds or after it failed (None when ready or not served)."""
+    from django.conf import settings
+
+    status = demo_status.read(settings.HUB_HOME)
+    return status if status and status["state"] != "ready" else None
 
 
 @require_GET
@@ -277,7 +293,7 @@ def upload(request):
         seeds = request.FILES.get("seeds")
         try:
             if base is None:
-                raise ValidationError("unknown_base_model", f"Base model '{d['base_model']}' is not registered.",
+                raise ValidationError("unknown_base_model", selectors.unknown_base_detail(d["base_model"]),
                                       field="base_model")
             services.adapter_create_from_upload(
                 owner=d["owner"], name=d["name"], base=base, user=request.user,

@@ -7,6 +7,8 @@ import re
 import markdown as md
 import nh3
 from django import template
+from django.utils import timezone
+from django.utils.html import escape
 from django.utils.safestring import mark_safe
 
 register = template.Library()
@@ -38,6 +40,21 @@ def render_card(text: str) -> str:
 @register.filter
 def model_card(text):
     return mark_safe(render_card(text))  # noqa: S308 - sanitized by nh3 above
+
+
+INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
+@register.filter
+def inline_code(text):
+    """One line of help text with `code` spans (the op catalog's wording): escaped,
+    then each backtick pair becomes <code>."""
+    return mark_safe(INLINE_CODE.sub(r"<code>\1</code>", escape(text or "")))  # noqa: S308 - escaped first
+
+
+@register.filter
+def in_future(when) -> bool:
+    return bool(when) and when > timezone.now()
 
 
 @register.filter

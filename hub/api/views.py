@@ -146,7 +146,7 @@ class AdapterList(ApiView, generics.ListAPIView):
         base = BaseModel.objects.filter(slug=ser.validated_data["base_model"]).first()
         if base is None:
             raise ValidationError(
-                "unknown_base_model", f"Base model '{ser.validated_data['base_model']}' is not registered.",
+                "unknown_base_model", selectors.unknown_base_detail(ser.validated_data["base_model"]),
                 field="base_model",
             )
         seeds = request.FILES.get("seeds")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import diff, ops, progress, webhook
+from hub.cli import demo, diff, ops, progress, tables, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -221,8 +221,11 @@ def cmd_base_show(args) -> int:
     files = base.get("files") or []
     if files:
         table(["path", "size", "sha256"], [[f["path"], human_size(f["size"]), f["sha256"][:16]] for f in files])
-    # Keys this version of hubctl does not know (a retransfer plan, say) are shown as they come.
-    extra = {k: v for k, v in base.items() if k not in BASE_SHOWN + ("manifest", "files", "config")}
+    plan = base.get("retransfer")
+    if plan:
+        table(tables.RETRANSFER_COLUMNS, tables.retransfer_rows(plan), title=f"retransfer to {base.get('successor')}")
+    # Keys this version of hubctl does not know are shown as they come.
+    extra = {k: v for k, v in base.items() if k not in BASE_SHOWN + ("manifest", "files", "config", "retransfer")}
     for key, value in extra.items():
         text = value if isinstance(value, str) else json.dumps(value, indent=2, default=str)
         out(f"{key}:\n{text}" if "\n" in str(text) else f"{key + ':':14} {text}")
@@ -808,6 +811,7 @@ def build_parser(op_specs: list[dict] | None = None) -> Parser:
     ops.add_op_parsers(sub, ops.local_ops() if op_specs is None else op_specs, wait_flags, cmd_op)
     diff.add_parsers(sub)
     webhook.add_parsers(sub, as_json)
+    demo.add_parsers(sub)
     return p
 
 

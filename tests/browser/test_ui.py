@@ -139,6 +139,7 @@ def test_jobs_run_on_a_worker_and_refresh_the_lineage(page, celery_procs, upload
     page.locator("#live-jobs article.job").first.locator("[data-testid=job-status]").filter(
         has_text="succeeded").wait_for(timeout=30_000)
     page.wait_for_function("document.querySelectorAll('#lineage .node').length === 2")
+    page.wait_for_function("document.querySelectorAll('#revisions tbody tr').length === 2")  # refreshed too
     kinds = page.eval_on_selector_all("#lineage .node", "ns => ns.map(n => n.dataset.kind)")
     assert kinds[0] == "upload" and len(kinds) == 2
     assert page.locator("#lineage path.edge").count() == 1

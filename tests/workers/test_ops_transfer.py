@@ -38,6 +38,9 @@ def test_diff_transfer_and_refusal(celery_procs, user, staff_user, peft_adapter,
 
     _register(staff_user, "tiny-base-2", TINY_CONFIG, tmp_path, seed=5)
     _register(staff_user, "tiny-wide", {**TINY_CONFIG, "hidden_size": 96}, tmp_path, seed=6)
+    from hub.registry.services import set_tags
+
+    set_tags(peft_adapter, ["skill", "demo"])
     celery_procs.worker()
     ok = job_create(user=user, op="transfer", params={"adapter": "alice/lora", "target": "tiny-base-2",
                                                       "method": "diff"})
@@ -47,6 +50,7 @@ def test_diff_transfer_and_refusal(celery_procs, user, staff_user, peft_adapter,
     assert done[str(ok.id)].status == "succeeded", done[str(ok.id)].error
     moved = AdapterRow.objects.get(owner="alice", name="lora-tiny-base-2")
     assert moved.base_model.slug == "tiny-base-2"
+    assert sorted(moved.tags.values_list("name", flat=True)) == ["demo", "skill"]  # the source's tags
     rev = revision_resolve(moved, "main")
     assert rev.kind == "transfer" and rev.base_model.slug == "tiny-base-2"
     assert [p.sha for p in rev.parents.all()] == [revision_resolve(peft_adapter, "main").sha]

@@ -8,8 +8,9 @@ and falls back to Trans-LoRA when the bases differ or diff fails the quality
 gate. With seeds, the gate's metrics are stored and the revision is marked
 `verified` only if it beats the bare target.
 
-The result lands in `name` (default `<owner>/<name>-<target>`), a new adapter
-on the target base whose lineage points at the source revision.
+The result lands in `name` (default `<owner>/<name>-<target>`, see
+default_name), a new adapter on the target base with the source's tags, whose
+lineage points at the source revision.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from workers import inputs, runner
 from workers.app import app
 
 
-def default_name(repo_id: str, target_slug: str) -> str:
+def default_name(repo_id: str, target_slug: str, source_slug: str = "") -> str:
+    """`owner/<name>-<target>`, where <name> loses a `-<source>` (or `-<target>`)
+    suffix an earlier transfer gave it: caesar-tiny-llama-3.1 moved on to 3.2 is
+    caesar-tiny-llama-3.2, not caesar-tiny-llama-3.1-tiny-llama-3.2 (the lineage
+    keeps the path it took)."""
     owner, name = repo_id.split("/", 1)
-    return f"{owner}/{name}-{target_slug}"[: len(owner) + 1 + 96]
+    suffixes = tuple(f"-{s}" for s in (source_slug, target_slug) if s)
+    while suffixes and name.endswith(suffixes) and len(name) > max(map(len, suffixes)):
+        name = name[: -len(next(x for x in suffixes if name.endswith(x)))]
+    return f"{owner}/{name[: max(1, 95 - len(target_slug))]}-{target_slug}"
 
 
 def transfer(ctx: runner.JobContext) -> runner.RevisionOutput:
@@ -63,12 +71,13 @@ def transfer(ctx: runner.JobContext) -> runner.RevisionOutput:
         metrics.update(report)
     metrics["method"] = used
     out = transferred.save(ctx.workdir / "transferred")
-    repo = p.get("name") or default_name(adapter.repo_id, target.slug)
+    repo = p.get("name") or default_name(adapter.repo_id, target.slug, source.base_model.slug)
     owner, name = repo.split("/", 1)
     verdict = "verified" if metrics.get("verified") else "unverified" if seeds else "no seeds to verify"
     return runner.RevisionOutput(
         adapter=runner.NewAdapter(
             owner=owner, name=name, base=target, visibility=adapter.visibility, seeds=adapter.seeds,
+            tags=tuple(adapter.tags.values_list("name", flat=True)),
             description=f"{adapter.repo_id} transferred from {source.base_model.slug} to {target.slug} ({used}).\n\n"
                         + adapter.description,
         ),
