@@ -401,7 +401,7 @@ _OPS: tuple[OpSpec, ...] = (
     ),
     OpSpec(
         name="compress", title="Compress (ComPEFT)", queue="cpu", soft_time_limit=3600, time_limit=3900,
-        summary="ComPEFT: sparsify and ternary-quantize a revision into a compact compeft revision.",
+        summary="ComPEFT: sparsify and ternary-quantize a revision into a compact `compeft` revision.",
         produces=("compeft",), card_relation="quantized", check=_without_alpha_and_bits,
         params=(
             ADAPTER, REVISION,

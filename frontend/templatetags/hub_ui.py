@@ -47,7 +47,7 @@ INLINE_CODE = re.compile(r"`([^`\n]+)`")
 
 @register.filter
 def inline_code(text):
-    """One line of help text with `code` spans (the op catalog's wording): escaped,
+    """One line of help text with `code` spans (the op declarations' wording): escaped,
     then each backtick pair becomes <code>."""
     return mark_safe(INLINE_CODE.sub(r"<code>\1</code>", escape(text or "")))  # noqa: S308 - escaped first
 

@@ -31,7 +31,7 @@ def test_backticks_render_as_code(db, web, user):
     html = web().get("/bases/tiny-llama-3.0/").content.decode()
     assert "<code>tiny-llama-3.0</code>" in html and "`" not in html.split("<main", 1)[1]
     page = web(user).get("/adapters/alice/lora/").content.decode()
-    assert "new <code>compeft</code> revision" in page
+    assert "compact <code>compeft</code> revision" in page
     assert "`" not in page.split("<main", 1)[1].split("<pre", 1)[0]
 
 

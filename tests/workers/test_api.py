@@ -161,7 +161,7 @@ def test_cancel(api, user, status, code, after):
         assert r.json()["error"] == "job_finished" and not job.cancel_requested
 
 
-# --- catalog ----------------------------------------------------------------------------------------------
+# --- op declarations ----------------------------------------------------------------------------------------------
 
 
 def test_op_declarations_match_the_app():
