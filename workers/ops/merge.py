@@ -4,8 +4,9 @@ Weight-space methods (adapters_ops.merge): weights are the user's, or found on
 the inputs' seed examples by a small gradient-free search (LoraHub's idea) when
 `search_weights` is set. `method="distill"` (adapters_ops.compose) instead
 distils one student from every input on its own skill, from the seeds. When
-seeds exist, each input skill's seed accuracy is recorded for the merged
-adapter next to the single adapter's, so the lineage shows what the merge kept.
+seeds exist, the revision's verdict (adapters_ops.verdict) scores the merged
+adapter against each single adapter on that skill's seeds (held out from the
+search or the distillation), and takes the worst skill.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from workers.app import app
 
 def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
     from adapters_ops import merge as merging
+    from adapters_ops import verdict
 
     p = ctx.params
     sources = [ctx.adapter_get(repo) for repo in p["adapters"]]
@@ -36,14 +38,19 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         raise runner.OpError(f"method distill needs seed examples on every input adapter; {missing} has none "
                              "(upload them with `hubctl push --seeds`).", "no_seeds")
     base = inputs.base_dir(ctx, base_model) if seeds else None
+    # The weight search and distillation learn from one part of each skill's seeds; the verdict
+    # scores the other part, so it never reads an example that chose the result.
+    selects = distilled or bool(p.get("search_weights"))
+    plans = {repo: verdict.plan_examples(ex, selects=selects) for repo, ex in seeds.items()}
+    chosen = {repo: plan.choose for repo, plan in plans.items()}
 
     def skill_scores(lora) -> dict[str, float]:
-        return {repo: inputs.seed_accuracy(base, ex, lora) for repo, ex in seeds.items()}
+        return {repo: inputs.seed_accuracy(base, ex, lora) for repo, ex in chosen.items()}
 
     weights = p.get("weights")
     metrics: dict = {"method": p["method"]}
     if distilled:
-        merged, metrics["distill"] = _distill(ctx, base, base_model.slug, sources, loras, seeds)
+        merged, metrics["distill"] = _distill(ctx, base, base_model.slug, sources, loras, chosen)
     elif p.get("search_weights"):
         if not seeds:
             raise runner.OpError("search_weights needs seed examples on at least one input adapter.", "no_seeds")
@@ -69,13 +76,14 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         merged, report = result.adapter, result.report
         merged.config["base_model_name_or_path"] = base_model.slug
         metrics.update(weights=list(weights), **rank_metrics(report))
-    if seeds:
-        ctx.progress(0.9, "Scoring the merged adapter on each skill's seeds")
-        metrics["seed_accuracy"] = skill_scores(merged)
-        metrics["seed_accuracy_single"] = {
-            a.repo_id: inputs.seed_accuracy(base, seeds[a.repo_id], lora)
-            for a, lora in zip(sources, loras) if a.repo_id in seeds
-        }
+    ctx.progress(0.9, "Verdict: scoring the merged adapter on each skill's seeds")
+    judged = verdict.combine({
+        a.repo_id: verdict.assess(plans[a.repo_id], source=(base, lora), derived=(base, merged), bare=(base, None))
+        for a, lora in zip(sources, loras) if a.repo_id in plans
+    }) if seeds else verdict.unverified("no input adapter has seed examples")
+    if seeds:  # per skill, as before: the merged adapter and the single one, on the examples the verdict read
+        metrics["seed_accuracy"] = {r: v["after"] for r, v in judged["skills"].items() if "after" in v}
+        metrics["seed_accuracy_single"] = {r: v["before"] for r, v in judged["skills"].items() if "before" in v}
     out = merged.save(ctx.workdir / "merged")
     owner, name = p["name"].split("/", 1)
     private = any(a.visibility == "private" for a in sources)
@@ -87,7 +95,7 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         kind="merge", parents=revisions, metrics=metrics, ref="main",
         files={"adapter_config.json": out / "adapter_config.json",
                "adapter_model.safetensors": out / "adapter_model.safetensors"},
-        message=f"{p['method']} merge of {len(sources)} adapters",
+        message=f"{p['method']} merge of {len(sources)} adapters", verdict=judged,
     )
 
 

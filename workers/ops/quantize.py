@@ -5,7 +5,9 @@ The base is quantized group-wise, the adapter brought into QA-LoRA form
 inputs written from the seed examples, early-stopped on the seeds), and
 merged exactly into the zero points. The revision stores the packed model (quantized.safetensors +
 config and tokenizer), the QA-LoRA adapter under qalora/, and for 4 bits a
-GGUF Q4_1 file that llama.cpp and transformers+gguf load.
+GGUF Q4_1 file that llama.cpp and transformers+gguf load. With seeds, the
+revision's verdict (adapters_ops.verdict) scores the stored quantized model
+against the fp base + adapter (on seeds recovery did not stop on).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from workers.app import app
 
 
 def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
-    from adapters_ops import qalora
+    from adapters_ops import qalora, verdict
 
     p = ctx.params
     adapter = ctx.adapter
@@ -23,16 +25,25 @@ def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
     ctx.progress(0.02, f"Loading {adapter.repo_id}@{source.sha[:8]} and {source.base_model.slug}")
     lora = inputs.load_adapter(ctx, source)
     base = inputs.base_dir(ctx, source.base_model)
-    seeds = inputs.seeds(adapter) if p["qalora_finetune_steps"] else None
+    seeds = inputs.seeds(adapter)
     if p["qalora_finetune_steps"] and not seeds:
         raise runner.OpError("qalora_finetune_steps needs seed examples on the adapter (upload them with --seeds).",
                              "no_seeds")
+    # recovery is early-stopped on one part of the seeds; the verdict scores the other
+    plan = verdict.plan_examples(seeds, selects=bool(p["qalora_finetune_steps"]))
     out = ctx.workdir / "quantized"
     report = qalora.quantize_merged(
         base, lora, bits=p["bits"], group_size=p["group_size"], out_dir=out,
-        finetune_steps=p["qalora_finetune_steps"], examples=seeds,
-        progress=lambda f, msg="": ctx.progress(0.05 + 0.9 * f, msg or "quantizing"),
+        finetune_steps=p["qalora_finetune_steps"], examples=plan.choose if p["qalora_finetune_steps"] else None,
+        progress=lambda f, msg="": ctx.progress(0.05 + 0.85 * f, msg or "quantizing"),
     )
+    if plan.verdict:
+        ctx.progress(0.92, "Verdict: scoring the quantized merged expert against the fp adapter")
+        # the stored model, read back and dequantized, is what a user would load
+        served = qalora.load_quantized(out).save_dequantized(ctx.workdir / "dequantized")
+        judged = verdict.assess(plan, source=(base, lora), derived=(served, None), bare=(base, None))
+    else:
+        judged = verdict.assess(plan, source=(base, lora), derived=(base, None))
     files = {str(f.relative_to(out)): f for f in sorted(out.rglob("*")) if f.is_file()}
     sizes = report.get("bytes", {})
     metrics = {
@@ -55,7 +66,7 @@ def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
         metrics={k: v for k, v in metrics.items() if v is not None},
         message=f"QA-LoRA INT{p['bits']} g{p['group_size']} merged expert",
         done_message=f"Quantized to INT{p['bits']} g{p['group_size']} "
-                     f"({metrics.get('size_ratio_vs_bf16', '?')}x smaller than bf16).",
+                     f"({metrics.get('size_ratio_vs_bf16', '?')}x smaller than bf16).", verdict=judged,
     )
 
 
