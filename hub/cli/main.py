@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import diff, progress, webhook
+from hub.cli import diff, progress, verdicts, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -578,13 +578,17 @@ def job_path(job_id: str) -> str:
     return f"{API}/jobs/{job_id}/"
 
 
-def finish(job: dict) -> int:
-    """Report a finished job: 0 when it succeeded, a user error otherwise."""
+def finish(job: dict, require_pass: bool = False) -> int:
+    """Report a finished job: 0 when it succeeded (and, with require_pass, its verdict passed)."""
     status = job.get("status")
     if status == "succeeded":
         res = job.get("result")
         where = f": {res['adapter']}@{res['sha'][:12]} ({res['kind']})" if res else ""
         out(f"Job {job['id']} ({job.get('op')}) succeeded{where}.")
+        if res:
+            out(verdicts.line(res.get("verdict")))
+        if require_pass:
+            verdicts.require_pass(job)
         return 0
     if status == "cancelled":
         raise UserError(f"Job {job['id']} ({job.get('op')}) was cancelled.")
@@ -592,9 +596,9 @@ def finish(job: dict) -> int:
     raise UserError(f"Job {job['id']} ({job.get('op')}) failed: {error}")
 
 
-def watch(c: Client, job: dict) -> int:
+def watch(c: Client, job: dict, require_pass: bool = False) -> int:
     final = progress.watch_job(lambda: c.get(job_path(job["id"])), first=job)
-    return finish(final)
+    return finish(final, require_pass)
 
 
 def cmd_jobs(args) -> int:
@@ -624,6 +628,7 @@ def cmd_jobs(args) -> int:
             if job.get("result"):
                 r = job["result"]
                 out(f"{'result:':12} {r['adapter']}@{r['sha']} ({r['kind']})")
+                out(f"{'verdict:':12} {verdicts.line(r.get('verdict')).removeprefix('Verdict: ')}")
             return 0
         if args.watch:
             raise UserError("--watch needs a job id: hubctl jobs ID --watch")
@@ -634,12 +639,14 @@ def cmd_jobs(args) -> int:
                               short_time(j.get("created_at"))])
 
 
-def submit(op: str, params: dict, wait: bool) -> int:
+def submit(op: str, params: dict, wait: bool, require_pass: bool = False) -> int:
     params = {k: v for k, v in params.items() if v is not None}
+    if require_pass and not wait:
+        raise UserError("--require-pass goes with --wait (it checks the finished job's verdict).")
     with Client() as c:
         job = c.post(f"{API}/jobs/", {"op": op, "params": params})
         if wait:
-            return watch(c, job)
+            return watch(c, job, require_pass)
     out(job["id"])
     note(f"Submitted {op} job {job['id']}. Follow it with: hubctl jobs {job['id']} --watch")
     return 0
@@ -649,7 +656,7 @@ def cmd_compress(args) -> int:
     repo_id(args.repo)
     return submit("compress", {"adapter": args.repo, "revision": args.revision, "density": args.density,
                                "scope": args.scope, "magnitude_bits": args.magnitude_bits,
-                               "factorization": args.factorization}, args.wait)
+                               "factorization": args.factorization}, args.wait, args.require_pass)
 
 
 def cmd_merge(args) -> int:
@@ -666,7 +673,7 @@ def cmd_merge(args) -> int:
     return submit("merge", {"adapters": args.adapters, "weights": weights, "method": args.method,
                             "density": args.density, "rank": args.rank, "energy": args.energy,
                             "max_rank": args.max_rank, "seed": args.seed, "name": args.name,
-                            "steps": args.steps, "synthetic": args.synthetic}, args.wait)
+                            "steps": args.steps, "synthetic": args.synthetic}, args.wait, args.require_pass)
 
 
 def merge_rank(text: str) -> int | str:
@@ -685,7 +692,7 @@ def merge_rank(text: str) -> int | str:
 def cmd_quantize(args) -> int:
     repo_id(args.repo)
     return submit("quantize", {"adapter": args.repo, "bits": args.bits, "group_size": args.group_size,
-                               "qalora_finetune_steps": args.qalora_finetune_steps}, args.wait)
+                               "qalora_finetune_steps": args.qalora_finetune_steps}, args.wait, args.require_pass)
 
 
 def split_metrics(metrics: dict | None) -> tuple[str, str]:
@@ -726,7 +733,8 @@ def cmd_transfer(args) -> int:
     common = {"target": target, "method": args.method, "finetune_steps": args.finetune_steps}
     if args.adapter:
         repo_id(args.adapter)
-        return submit("transfer", {"adapter": args.adapter, **common, "name": args.name}, args.wait)
+        return submit("transfer", {"adapter": args.adapter, **common, "name": args.name}, args.wait,
+                      args.require_pass)
     if args.name:
         raise UserError("--name names one new adapter: use it with --adapter.")
     with Client() as c:
@@ -766,6 +774,8 @@ def cmd_transfer(args) -> int:
             status = job.get("status", "")
             if status == "failed":
                 after = last_line(job.get("error"))
+            if res.get("verdict"):
+                after = f"{after} · verdict {verdicts.short(res['verdict'])}".lstrip(" ·")
             return [row["adapter"], method, status, f"{100 * float(job.get('progress') or 0):.0f}%", before, after]
 
         for row in rows:
@@ -774,8 +784,12 @@ def cmd_transfer(args) -> int:
         progress.watch_jobs_table(rows, refresh, render, ["adapter", "method", "status", "progress", "before", "after"],
                                   title=f"transfer {source} -> {target}")
     failed = [r for r in rows if r["job"] is None or r["job"].get("status") != "succeeded"]
+    if args.require_pass:  # a result that did not pass its verdict counts as not done
+        failed += [r for r in rows if r not in failed
+                   and ((r["job"].get("result") or {}).get("verdict") or {}).get("status") != "passed"]
     if failed:
-        raise UserError(f"{len(failed)} of {len(rows)} transfers did not succeed: "
+        raise UserError(f"{len(failed)} of {len(rows)} transfers did not succeed"
+                        + (" or pass their verdict" if args.require_pass else "") + ": "
                         + ", ".join(r["adapter"] for r in failed))
     out(f"All {len(rows)} transfers from {source} to {target} succeeded.")
     return 0
@@ -887,6 +901,8 @@ def build_parser() -> Parser:
 
     def wait_flags(s):
         s.add_argument("--wait", "--watch", dest="wait", action="store_true", help="follow the job until it finishes")
+        s.add_argument("--require-pass", action="store_true",
+                       help="with --wait: exit 1 unless the result's quality verdict is passed (docs/jobs.md)")
 
     s = sub.add_parser("compress", help="ComPEFT-compress an adapter (a job)")
     s.add_argument("repo", metavar="owner/name")
