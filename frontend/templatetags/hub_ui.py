@@ -170,7 +170,11 @@ def _fmt(key: str, value) -> str:
     if isinstance(value, int) and ("bytes" in key or key in ("quantized", "bf16")):
         return filesizeformat(value)
     if isinstance(value, dict):
-        return ", ".join(f"{k} = {_fmt(k, v)}" for k, v in value.items())
+        parts = []
+        for k, v in value.items():
+            inner = _fmt(k, v)
+            parts.append(f"{str(k).replace('_', ' ')}: " + (f"({inner})" if isinstance(v, dict) else inner))
+        return "; ".join(parts)
     if isinstance(value, list):
         return ", ".join(_fmt(key, v) for v in value)
     return str(value)
@@ -183,7 +187,9 @@ def metrics_table(metrics):
     if not metrics:
         return ""
     rows = []
-    for key, value in metrics.items():
+    known = list(METRIC_LABELS)  # the labelled keys first, in the order above (JSON keys come back sorted)
+    for key, value in sorted(metrics.items(), key=lambda kv: (known.index(kv[0]) if kv[0] in known else len(known),
+                                                              kv[0])):
         label, help_text = METRIC_LABELS.get(key, (key.replace("_", " "), ""))
         rows.append(format_html('<tr data-metric="{}"><th scope="row">{}{}</th><td>{}</td></tr>', key, label,
                                 format_html('<span class="metric-help">{}</span>', help_text) if help_text else "",
