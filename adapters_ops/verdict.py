@@ -39,6 +39,14 @@ DEGRADED_RATIO = 0.5  # keeps at least half, and still beats the bare base
 HOLD_OUT_FRACTION = 0.5  # share of the seeds kept away from an op that chooses on them
 MIN_HELD_OUT = 4  # fewer seeds than 2 x this: no held-out verdict for choosing ops
 
+# `auto` candidates, cheapest first (docs/jobs.md): compress density (file size grows with it)
+# and quantize bits
+AUTO_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+AUTO_BITS = (2, 3, 4, 8)
+# merge method auto: data-free methods (with the hub's default densities) tried on the seeds;
+# the best worst-skill ratio wins if it passes, else the op distils
+AUTO_MERGE_METHODS = (("linear", None), ("ties", 0.5), ("dare_ties", 0.7), ("magnitude_prune", 0.5), ("svd", None))
+
 STATUSES = ("passed", "degraded", "failed", "unverified")
 # worst first: a combined verdict takes the worst part (an unverified part keeps it from "passed")
 _SEVERITY = {"failed": 0, "degraded": 1, "unverified": 2, "passed": 3}
@@ -174,3 +182,48 @@ def summary(v: dict | None) -> str:
     where = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds"}.get(ex.get("source"), "seeds")
     n = f" on {ex['n']} {where}" if ex.get("n") else ""
     return f"{status} (accuracy {v['before']:.2f} -> {v['after']:.2f}, {v['ratio']:.0%}{n})"
+
+
+# --- `auto` settings: the cheapest result that passes ---------------------------------------------
+
+
+@dataclass
+class Search:
+    """What an `auto` search kept: the candidate, its result, the ratio it reached on the
+    examples the search may read (the plan's `choose` half), and every try."""
+
+    candidate: object
+    result: object
+    ratio: float
+    passed: bool
+    tried: list[dict] = field(default_factory=list)
+
+
+def search(candidates: Sequence, trial: Callable[[object], tuple[object, float]], *, cheapest_first: bool = True,
+           pass_ratio: float = PASS_RATIO) -> Search:
+    """Try `candidates` with `trial(c) -> (result, ratio)`, the ratio measured on the examples the
+    op may choose on (never the verdict's).
+
+    cheapest_first: candidates are ordered cheapest first; the first that reaches `pass_ratio`
+    wins and the rest are not tried. Otherwise every candidate is tried and the best ratio wins
+    (ties: the earlier). Without any passing candidate, the best one is kept and `passed` is
+    False: the caller's verdict then says how far it falls short."""
+    if not candidates:
+        raise ValueError("search needs at least one candidate")
+    best: Search | None = None
+    tried: list[dict] = []
+    for c in candidates:
+        result, ratio = trial(c)
+        ratio = float(ratio)
+        tried.append({"candidate": c, "ratio": round(ratio, 4)})
+        if best is None or ratio > best.ratio:
+            best = Search(candidate=c, result=result, ratio=ratio, passed=ratio >= pass_ratio)
+        if cheapest_first and ratio >= pass_ratio:
+            break
+    best.tried = tried
+    return best
+
+
+def ratio_of(before: float, after: float) -> float:
+    """after / before for a search (a source scoring 0 keeps everything: ratio 1)."""
+    return 1.0 if before <= 0 else after / before

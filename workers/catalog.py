@@ -163,7 +163,9 @@ register(OpSpec(
 def _compress_params(params: dict) -> dict:
     only(params, {"adapter", "revision", "density", "scope", "alpha", "tune_scale", "magnitude_bits",
                   "factorization"})
-    out = {"adapter": repo_id(params), "density": number(params, "density", 0.1, 0.001, 1.0)}
+    out = {"adapter": repo_id(params)}
+    # "auto": the smallest file whose result passes its verdict (docs/jobs.md)
+    out["density"] = "auto" if params.get("density") == "auto" else number(params, "density", 0.1, 0.001, 1.0)
     scope = params.get("scope", "global")
     if scope not in ("global", "tensor"):
         raise bad(f"scope must be global or tensor, got {scope!r}.", "scope")
@@ -211,18 +213,18 @@ def _merge_params(params: dict) -> dict:
     if len(set(out["adapters"])) != len(adapters):
         raise bad("adapters lists the same adapter twice.", "adapters")
     method = params.get("method", "linear")
-    if method not in COMPOSE_METHODS:
-        raise bad(f"method must be one of {', '.join(COMPOSE_METHODS)}; got {method!r}.", "method")
+    if method not in COMPOSE_METHODS + ("auto",):
+        raise bad(f"method must be one of {', '.join(COMPOSE_METHODS)} or auto; got {method!r}.", "method")
     out["method"] = method
     # Shared by every method, distill included (distill: an integer only).
     if params.get("rank") is not None:
         out["rank"] = _merge_rank(params, method)
     out["seed"] = number(params, "seed", 0, 0, 2**31 - 1, integer=True)
     out["name"] = repo_id(params, "name")
-    if method == "distill":
+    if method in ("distill", "auto"):  # auto: the best data-free method on the seeds, else distill
         for key in ("energy", "max_rank"):
             if params.get(key) is not None:
-                raise bad(f"{key} goes with rank \"auto\" of a weight-space merge, not with method distill.", key)
+                raise bad(f"{key} goes with rank \"auto\" of a weight-space merge, not with method {method}.", key)
         return _distill_params(params, out)
     for key in ("steps", "synthetic"):
         if params.get(key) is not None:
@@ -255,7 +257,7 @@ DEFAULT_MERGE_ENERGY = 0.99  # = adapters_ops.merge.DEFAULT_ENERGY (a test keeps
 
 def _merge_rank(params: dict, method: str):
     rank = params["rank"]
-    if isinstance(rank, str) and method != "distill":
+    if isinstance(rank, str) and method not in ("distill", "auto"):
         if rank not in MERGE_RANK_MODES:
             raise bad(f"rank must be a positive integer, \"auto\" or \"full\", got {rank!r}.", "rank")
         if method == "cat" and rank == "auto":
@@ -300,7 +302,7 @@ register(OpSpec(
     description="Merge adapters of one base into a new adapter (cat, svd, linear, ties, dare, ..., "
                 "or distill: one student taught by every input from its seeds).",
     adapter_param=None, reads=("adapters",), creates="name",
-    needs_seeds=lambda p: p["method"] == "distill",
+    needs_seeds=lambda p: p["method"] in ("distill", "auto"),
 ))
 
 
@@ -355,8 +357,8 @@ def _quantize_params(params: dict) -> dict:
     only(params, {"adapter", "revision", "bits", "group_size", "qalora_finetune_steps"})
     out = {"adapter": repo_id(params)}
     bits = params.get("bits", 4)
-    if bits not in (2, 3, 4, 8) or isinstance(bits, bool):
-        raise bad(f"bits must be 2, 3, 4 or 8, got {bits!r}.", "bits")
+    if bits != "auto" and (bits not in (2, 3, 4, 8) or isinstance(bits, bool)):  # auto: fewest bits that pass
+        raise bad(f"bits must be 2, 3, 4, 8 or \"auto\", got {bits!r}.", "bits")
     group = params.get("group_size", 64)
     if group not in (4, 8, 16, 32, 64, 128) or isinstance(group, bool):
         raise bad(f"group_size must be 4, 8, 16, 32, 64 or 128, got {group!r}.", "group_size")

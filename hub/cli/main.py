@@ -906,7 +906,8 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("compress", help="ComPEFT-compress an adapter (a job)")
     s.add_argument("repo", metavar="owner/name")
-    s.add_argument("--density", type=float, help="fraction of entries kept (server default 0.1)")
+    s.add_argument("--density", type=verdicts.auto_or(float),
+                   help="fraction of entries kept (server default 0.1), or auto: the smallest file that passes")
     s.add_argument("--scope", choices=["global", "tensor"])
     s.add_argument("--magnitude-bits", type=int, choices=range(5), metavar="{0..4}",
                    help="2^M magnitudes per tensor instead of one (server default 0: the paper's rule)")
@@ -920,7 +921,8 @@ def build_parser() -> Parser:
     s.add_argument("adapters", nargs="+", metavar="owner/name")
     s.add_argument("--method", required=True,
                    help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (and *_svd), or distill: "
-                        "one adapter taught by every input from its seed examples")
+                        "one adapter taught by every input from its seed examples, or auto: the best data-free "
+                        "method on the seeds if it passes, else distill")
     s.add_argument("--weights", help="comma-separated, one per adapter")
     s.add_argument("--density", type=float)
     s.add_argument("--rank", type=merge_rank, metavar="R|auto|full",
@@ -950,7 +952,7 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("quantize", help="quantize an adapter for a quantized base (a job)")
     s.add_argument("repo", metavar="owner/name")
-    s.add_argument("--bits", type=int, default=4)
+    s.add_argument("--bits", type=verdicts.auto_or(int), default=4, help="2, 3, 4, 8, or auto: the fewest that pass")
     s.add_argument("--group-size", type=int, default=64)
     s.add_argument("--qalora-finetune-steps", type=int)
     wait_flags(s)

@@ -56,3 +56,13 @@ def require_pass(job: dict) -> None:
     if status != "passed":
         raise UserError(f"Job {job['id']} ({job.get('op')}) succeeded but its verdict is {status}, "
                         "not passed (--require-pass).")
+
+
+def auto_or(cast):
+    """An argparse type: the word `auto` (search the cheapest setting that passes) or `cast(text)`."""
+
+    def parse(text: str):
+        return "auto" if text == "auto" else cast(text)
+
+    parse.__name__ = f"auto or {cast.__name__}"  # argparse names the type in its error message
+    return parse

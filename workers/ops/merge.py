@@ -32,15 +32,16 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         ctx.progress(0.05 + 0.15 * i / len(sources), f"Loading {a.repo_id}")
         loras.append(inputs.load_adapter(ctx, rev, name=f"in{i}"))
     seeds = {a.repo_id: s for a in sources if (s := inputs.seeds(a))}
+    auto = p["method"] == "auto"
     distilled = p["method"] == "distill"
-    if distilled and len(seeds) < len(sources):
+    if (distilled or auto) and len(seeds) < len(sources):
         missing = ", ".join(a.repo_id for a in sources if a.repo_id not in seeds)
-        raise runner.OpError(f"method distill needs seed examples on every input adapter; {missing} has none "
+        raise runner.OpError(f"method {p['method']} needs seed examples on every input adapter; {missing} has none "
                              "(upload them with `hubctl push --seeds`).", "no_seeds")
     base = inputs.base_dir(ctx, base_model) if seeds else None
     # The weight search and distillation learn from one part of each skill's seeds; the verdict
     # scores the other part, so it never reads an example that chose the result.
-    selects = distilled or bool(p.get("search_weights"))
+    selects = distilled or auto or bool(p.get("search_weights"))
     plans = {repo: verdict.plan_examples(ex, selects=selects) for repo, ex in seeds.items()}
     chosen = {repo: plan.choose for repo, plan in plans.items()}
 
@@ -49,6 +50,11 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
 
     weights = p.get("weights")
     metrics: dict = {"method": p["method"]}
+    method, density = p["method"], p.get("density")
+    if auto:
+        method, density, metrics["method_search"] = _auto_method(ctx, base, loras, chosen, skill_scores)
+        metrics["method"] = method
+        distilled = method == "distill"
     if distilled:
         merged, metrics["distill"] = _distill(ctx, base, base_model.slug, sources, loras, chosen)
     elif p.get("search_weights"):
@@ -69,9 +75,9 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         metrics["weight_search"] = {"score": found.score, "evaluations": len(found.history)}
     if not distilled:
         weights = weights or [1.0 / len(loras)] * len(loras)
-        ctx.progress(0.8, f"Merging {len(loras)} adapters ({p['method']})")
+        ctx.progress(0.8, f"Merging {len(loras)} adapters ({method})")
         # Dense methods build each module's updates on the worker's GPU when it has one.
-        result = merging.merge_with_report(loras, weights, p["method"], density=p.get("density"),
+        result = merging.merge_with_report(loras, weights, method, density=density,
                                            seed=p["seed"], device=ctx.device, **rank_kwargs(p))
         merged, report = result.adapter, result.report
         merged.config["base_model_name_or_path"] = base_model.slug
@@ -95,8 +101,38 @@ def merge(ctx: runner.JobContext) -> runner.RevisionOutput:
         kind="merge", parents=revisions, metrics=metrics, ref="main",
         files={"adapter_config.json": out / "adapter_config.json",
                "adapter_model.safetensors": out / "adapter_model.safetensors"},
-        message=f"{p['method']} merge of {len(sources)} adapters", verdict=judged,
+        message=f"{method}{' (auto)' if auto else ''} merge of {len(sources)} adapters", verdict=judged,
     )
+
+
+def _auto_method(ctx, base, loras, chosen, skill_scores) -> tuple[str, float | None, dict]:
+    """method auto: the data-free method (equal weights) whose worst skill keeps the most of its
+    single adapter's seed accuracy, on the search's half of the seeds; if none passes, distill."""
+    from adapters_ops import merge as merging
+    from adapters_ops import verdict
+
+    p = ctx.params
+    singles = {repo: inputs.seed_accuracy(base, chosen[repo], lora) for repo, lora in zip(p["adapters"], loras)}
+    weights = [1.0 / len(loras)] * len(loras)
+
+    def trial(candidate):
+        method, density = candidate
+        ctx.progress(0.2 + 0.4 * verdict.AUTO_MERGE_METHODS.index(candidate) / len(verdict.AUTO_MERGE_METHODS),
+                     f"method auto: trying {method}")
+        merged = merging.merge(loras, weights, method=method, density=density, seed=p["seed"], device=ctx.device,
+                               **rank_kwargs(p))
+        scores = skill_scores(merged)
+        return None, min(verdict.ratio_of(singles[r], scores[r]) for r in scores)
+
+    found = verdict.search(verdict.AUTO_MERGE_METHODS, trial, cheapest_first=False)
+    report = {"examples": {r: len(ex) for r, ex in chosen.items()}, "source_accuracy": singles,
+              # in the order tried; ratio: the worst skill's after / before
+              "tried": [{"method": t["candidate"][0], "ratio": t["ratio"]} for t in found.tried],
+              "passed": found.passed}
+    if found.passed:
+        return found.candidate[0], found.candidate[1], report
+    ctx.progress(0.6, "method auto: no data-free method passes; distilling")
+    return "distill", None, report
 
 
 def rank_kwargs(p: dict) -> dict:

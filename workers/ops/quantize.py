@@ -29,25 +29,49 @@ def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
     if p["qalora_finetune_steps"] and not seeds:
         raise runner.OpError("qalora_finetune_steps needs seed examples on the adapter (upload them with --seeds).",
                              "no_seeds")
-    # recovery is early-stopped on one part of the seeds; the verdict scores the other
-    plan = verdict.plan_examples(seeds, selects=bool(p["qalora_finetune_steps"]))
-    out = ctx.workdir / "quantized"
-    report = qalora.quantize_merged(
-        base, lora, bits=p["bits"], group_size=p["group_size"], out_dir=out,
-        finetune_steps=p["qalora_finetune_steps"], examples=plan.choose if p["qalora_finetune_steps"] else None,
-        progress=lambda f, msg="": ctx.progress(0.05 + 0.85 * f, msg or "quantizing"),
-    )
+    steps, auto = p["qalora_finetune_steps"], p["bits"] == "auto"
+    if auto and not seeds:
+        raise runner.OpError("bits auto searches on the seed examples; this adapter has none "
+                             "(upload them with --seeds, or give bits).", "no_seeds")
+    # recovery is early-stopped (and bits auto chosen) on one part of the seeds; the verdict scores the other
+    plan = verdict.plan_examples(seeds, selects=bool(steps) or auto)
+
+    def quantize_at(bits: int, lo: float, hi: float):
+        out = ctx.workdir / f"quantized-{bits}"
+        report = qalora.quantize_merged(
+            base, lora, bits=bits, group_size=p["group_size"], out_dir=out,
+            finetune_steps=steps, examples=plan.choose if steps else None,
+            progress=lambda f, msg="": ctx.progress(lo + (hi - lo) * f, msg or f"quantizing to INT{bits}"),
+        )
+        # the stored model, read back and dequantized, is what a user would load
+        served = qalora.load_quantized(out).save_dequantized(ctx.workdir / f"dequantized-{bits}") if seeds else None
+        return out, report, served
+
+    if auto:
+        before = inputs.seed_accuracy(base, plan.choose, lora)
+        span = 0.85 / len(verdict.AUTO_BITS)
+
+        def trial(bits):
+            lo = 0.05 + span * verdict.AUTO_BITS.index(bits)
+            made = quantize_at(bits, lo, lo + span)
+            return made, verdict.ratio_of(before, inputs.seed_accuracy(made[2], plan.choose))
+
+        found = verdict.search(verdict.AUTO_BITS, trial)  # the fewest bits that pass on the search's seeds
+        bits, (out, report, served) = found.candidate, found.result
+        bits_search = {"examples": len(plan.choose), "source_accuracy": before, "passed": found.passed,
+                       "tried": [{"bits": t["candidate"], "ratio": t["ratio"]} for t in found.tried]}
+    else:
+        bits, bits_search = p["bits"], None
+        out, report, served = quantize_at(bits, 0.05, 0.9)
     if plan.verdict:
         ctx.progress(0.92, "Verdict: scoring the quantized merged expert against the fp adapter")
-        # the stored model, read back and dequantized, is what a user would load
-        served = qalora.load_quantized(out).save_dequantized(ctx.workdir / "dequantized")
         judged = verdict.assess(plan, source=(base, lora), derived=(served, None), bare=(base, None))
     else:
         judged = verdict.assess(plan, source=(base, lora), derived=(base, None))
     files = {str(f.relative_to(out)): f for f in sorted(out.rglob("*")) if f.is_file()}
     sizes = report.get("bytes", {})
     metrics = {
-        "bits": p["bits"], "group_size": p["group_size"],
+        "bits": bits, "bits_search": bits_search, "group_size": p["group_size"],
         "size_ratio_vs_bf16": round(sizes["bf16"] / sizes["quantized"], 2) if sizes.get("quantized") else None,
         "merge_max_logit_diff": report.get("merge_max_logit_diff"),
         "codes_unchanged": report.get("codes_unchanged"),
@@ -64,8 +88,8 @@ def quantize(ctx: runner.JobContext) -> runner.RevisionOutput:
     return runner.RevisionOutput(
         adapter=adapter, kind="qalora", parents=[source], files=files,
         metrics={k: v for k, v in metrics.items() if v is not None},
-        message=f"QA-LoRA INT{p['bits']} g{p['group_size']} merged expert",
-        done_message=f"Quantized to INT{p['bits']} g{p['group_size']} "
+        message=f"QA-LoRA INT{bits}{' (auto)' if auto else ''} g{p['group_size']} merged expert",
+        done_message=f"Quantized to INT{bits} g{p['group_size']} "
                      f"({metrics.get('size_ratio_vs_bf16', '?')}x smaller than bf16).", verdict=judged,
     )
 
