@@ -135,9 +135,9 @@ class CompressForm(JobForm):
     title = "Compress (ComPEFT)"
     summary = "Sparsify and ternarize the update; the result is a new `compeft` revision."
     revision = forms.CharField(label="Revision", required=False, max_length=64, help_text="Empty: main.")
-    density = forms.FloatField(label="Density", min_value=0.001, max_value=1.0, initial=0.1,
-                               widget=forms.NumberInput(attrs={"step": "any"}),
-                               help_text="Fraction of entries kept (0–1].")
+    density = forms.CharField(label="Density", max_length=16, initial="0.1",
+                              help_text="Fraction of entries kept (0–1], or auto: the smallest file that passes its "
+                                        "verdict.")
     scope = forms.ChoiceField(label="Scope", choices=[("global", "global (one threshold)"),
                                                       ("tensor", "per tensor")], initial="global")
     magnitude_bits = forms.TypedChoiceField(
@@ -147,6 +147,13 @@ class CompressForm(JobForm):
         help_text="More magnitudes keep more of the skill at a larger file (docs/compeft.md).")
     factorization = forms.ChoiceField(label="Factors", initial="as_is",
                                       choices=[("as_is", "as trained"), ("balanced", "balanced (SVD of B @ A)")])
+
+    def clean_density(self):  # the range is the catalog's to check
+        raw = self.cleaned_data["density"].strip().lower()
+        try:
+            return raw if raw == "auto" else float(raw)
+        except ValueError:
+            raise forms.ValidationError("A number in (0, 1], or auto.") from None
 
 
 class MergeForm(JobForm):
@@ -158,9 +165,11 @@ class MergeForm(JobForm):
                              help_text="owner/name, comma-separated; this adapter comes first.")
     weights = forms.CharField(label="Weights", required=False, max_length=500,
                               help_text="Comma-separated, one per adapter. Empty: equal weights.")
-    method = forms.ChoiceField(label="Method", choices=[(m, m) for m in COMPOSE_METHODS], initial="linear",
+    method = forms.ChoiceField(label="Method", choices=[(m, m) for m in COMPOSE_METHODS + ("auto",)],
+                               initial="linear",
                                help_text="distill: one adapter taught by every input from its seed examples "
-                                         "(keeps the skills; minutes of work).")
+                                         "(keeps the skills; minutes of work). auto: the best data-free method "
+                                         "on the seeds if it passes, else distill.")
     density = forms.FloatField(label="Density", required=False, min_value=0.001, max_value=1.0,
                                widget=forms.NumberInput(attrs={"step": "any"}),
                                help_text="For ties, dare and magnitude_prune.")
@@ -236,8 +245,8 @@ class QuantizeForm(JobForm):
     op = "quantize"
     title = "Quantize (QA-LoRA)"
     summary = "Group-wise quantization with an optional QA-LoRA fine-tune."
-    bits = forms.TypedChoiceField(label="Bits", coerce=int, choices=[(4, "4"), (8, "8"), (3, "3"), (2, "2")],
-                                  initial=4)
+    bits = forms.TypedChoiceField(label="Bits", coerce=lambda v: v if v == "auto" else int(v), initial=4,
+                                  choices=[(4, "4"), (8, "8"), (3, "3"), (2, "2"), ("auto", "auto (fewest that pass)")])
     group_size = forms.IntegerField(label="Group size", min_value=1, initial=64)
     qalora_finetune_steps = forms.IntegerField(label="QA-LoRA fine-tune steps", min_value=0, initial=0)
 

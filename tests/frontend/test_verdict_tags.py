@@ -28,3 +28,21 @@ def test_metrics_table_labels_explains_and_escapes():
     # labelled keys first, in METRIC_LABELS order
     assert html.index("verified") < html.index("conversion_rel_error") < html.index('data-metric="bytes"')
     assert hub_ui.metrics_table({}) == ""
+
+
+def test_job_forms_offer_auto_settings():
+    from frontend.forms import CompressForm, MergeForm, QuantizeForm
+
+    a = SimpleNamespace(repo_id="alice/caesar", owner="alice", name="caesar")
+    form = CompressForm({"compress-density": "auto", "compress-scope": "global", "compress-magnitude_bits": "0",
+                         "compress-factorization": "as_is"}, adapter=a)
+    assert form.is_valid(), form.errors
+    assert form.params()["density"] == "auto"
+    form = CompressForm({"compress-density": "lots", "compress-scope": "global", "compress-magnitude_bits": "0",
+                         "compress-factorization": "as_is"}, adapter=a)
+    assert not form.is_valid() and "or auto" in str(form.errors["density"])
+    form = QuantizeForm({"quantize-bits": "auto", "quantize-group_size": "32", "quantize-qalora_finetune_steps": "0"},
+                        adapter=a)
+    assert form.is_valid(), form.errors
+    assert form.params()["bits"] == "auto"
+    assert ("auto", "auto") in MergeForm.base_fields["method"].choices
