@@ -59,3 +59,13 @@ def test_verdict_lines():
               "skills": {"a/x": PASSED, "a/y": {"status": "degraded", "ratio": 0.5}}}
     assert verdicts.line(merged).splitlines() == ["Verdict: DEGRADED: seed accuracy 1.00 -> 0.75 (75%).",
                                                    "  a/x: passed 100%", "  a/y: degraded 50%"]
+
+
+def test_bulk_transfer_shows_verdicts_and_require_pass_counts_a_failed_one(with_verdict, hubctl):
+    with_verdict.adapters = [{"id": "alice/pass", "owner": "alice"}, {"id": "alice/fail", "owner": "alice"}]
+    r = hubctl("transfer", "--from", "llama3.0", "--to", "llama3.1", token="hub_ok")
+    assert r.code == 0 and "All 2 transfers from llama3.0 to llama3.1 succeeded." in r.out
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in r.out.splitlines() if line.startswith("│")]
+    assert [row[-1] for row in cells] == ["score_after=0.87 · verdict passed 100%", "score_after=0.87 · verdict failed 0%"]
+    r = hubctl("transfer", "--from", "llama3.0", "--to", "llama3.1", "--require-pass", token="hub_ok")
+    assert r.code == 1 and "1 of 2 transfers did not succeed or pass their verdict: alice/fail" in r.err
