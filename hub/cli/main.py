@@ -514,10 +514,11 @@ def cmd_revisions(args) -> int:
     if args.json:
         dump_json(revs)
         return 0
-    table(["sha", "kind", "refs", "base", "r", "size", "created", "parents", "metrics"],
+    table(["sha", "kind", "refs", "base", "r", "size", "created", "parents", "verdict", "metrics"],
           [[r["sha"][:12], r["kind"], ",".join(r.get("refs") or []), r.get("base_model"), r.get("r"),
             human_size(r.get("size")), short_time(r.get("created_at")),
-            " ".join(f"{p['adapter']}@{p['sha'][:8]}" for p in r.get("parents") or []), fmt_metrics(r.get("metrics"))]
+            " ".join(f"{p['adapter']}@{p['sha'][:8]}" for p in r.get("parents") or []),
+            verdicts.short(r.get("verdict")), fmt_metrics(r.get("metrics"))]
            for r in revs])
     return 0
 
@@ -541,7 +542,8 @@ def cmd_lineage(args) -> int:
         refs = f" [{', '.join(n['refs'])}]" if n.get("refs") else ""
         metrics = f"  {fmt_metrics(n.get('metrics'))}" if n.get("metrics") else ""
         style = "bold" if n["adapter"] == args.repo else ""
-        text = f"{n['adapter']}@{n['id'][:8]} {n['kind']}{refs} on {n['base_model']}{metrics}"
+        verdict = f" verdict {verdicts.short(n['verdict'])}" if n.get("verdict") else ""
+        text = f"{n['adapter']}@{n['id'][:8]} {n['kind']}{refs} on {n['base_model']}{verdict}{metrics}"
         return f"[{style}]{escape(text)}[/{style}]" if style else escape(text)
 
     shown: set[str] = set()
