@@ -329,18 +329,18 @@ def _merge_check(p: dict) -> dict:
         if method == "cat" and rank != "full":
             raise ParamError("method cat keeps every factor (rank = sum of the input ranks); use svd (or linear) "
                              "to choose a rank.", "rank")
-        if method == "distill" and isinstance(rank, str):
-            raise ParamError("method distill takes an integer rank.", "rank")
-    if method == "distill":
+        if method in ("distill", "auto") and isinstance(rank, str):
+            raise ParamError(f"method {method} takes an integer rank.", "rank")
+    if method in ("distill", "auto"):  # auto may end in distill: it takes distill's settings
         for key in ("energy", "max_rank"):
             if p.get(key) is not None:
-                raise ParamError(f"{key} goes with rank \"auto\" of a weight-space merge, not with method distill.",
-                                 key)
+                raise ParamError(f"{key} goes with rank \"auto\" of a weight-space merge, not with method "
+                                 f"{method}.", key)
         for key in ("weights", "density"):
             if p.get(key) is not None:
-                raise ParamError(f"method distill learns from the seeds; it takes no {key}.", key)
+                raise ParamError(f"method {method} learns from the seeds; it takes no {key}.", key)
         if p.get("search_weights"):
-            raise ParamError("method distill learns from the seeds; it takes no search_weights.", "search_weights")
+            raise ParamError(f"method {method} learns from the seeds; it takes no search_weights.", "search_weights")
         p.pop("search_weights", None)
         p.pop("budget", None)
         p.setdefault("synthetic", 1024)
@@ -405,7 +405,8 @@ _OPS: tuple[OpSpec, ...] = (
         produces=("compeft",), card_relation="quantized", check=_without_alpha_and_bits,
         params=(
             ADAPTER, REVISION,
-            Param("density", "float", "fraction of entries kept", 0.1, min=0.001, max=1.0),
+            Param("density", "float", "fraction of entries kept; auto: the smallest file whose result passes its "
+                  "verdict", 0.1, min=0.001, max=1.0, words=("auto",)),
             Param("scope", "choice", "one threshold for all tensors (global) or one per tensor", "global",
                   choices=("global", "tensor")),
             Param("alpha", "float", "a fixed magnitude scale (default: chosen on the seeds, else the paper's)",
@@ -422,11 +423,12 @@ _OPS: tuple[OpSpec, ...] = (
         summary="Merge adapters of one base into a new adapter (cat, svd, linear, ties, dare, ..., or distill: one "
                 "student taught by every input from its seeds).",
         produces=("merge",), card_relation="merge", writes=None, reads=("adapters",), creates="name",
-        needs_seeds={"method": ("distill",)}, check=_merge_check,
+        needs_seeds={"method": ("distill", "auto")}, check=_merge_check,
         params=(
             Param("adapters", "repos", "the adapters to merge, as owner/name", required=True, items=(2, 16)),
             Param("name", "repo", "owner/name of the merged adapter", required=True),
-            Param("method", "choice", "how to combine them", "linear", choices=COMPOSE_METHODS),
+            Param("method", "choice", "how to combine them; auto: the best data-free method on the seeds, else "
+                  "distill", "linear", choices=COMPOSE_METHODS + ("auto",)),
             Param("weights", "floats", "one weight per adapter (default: equal)", min=-10, max=10, items=(2, 16)),
             Param("density", "float", "ties, dare, magnitude_prune: fraction of entries kept", min=0.001, max=1.0),
             Param("rank", "int", "output rank: a number, full (exact) or auto (smallest rank keeping energy)",
@@ -461,7 +463,8 @@ _OPS: tuple[OpSpec, ...] = (
         produces=("qalora",), card_relation="quantized",
         params=(
             ADAPTER, REVISION,
-            Param("bits", "choice", "bits per weight", 4, choices=(4, 8, 3, 2)),
+            Param("bits", "choice", "bits per weight; auto: the fewest whose result passes its verdict", 4,
+                  choices=(4, 8, 3, 2, "auto")),
             Param("group_size", "choice", "weights sharing one scale and zero point", 64,
                   choices=(4, 8, 16, 32, 64, 128)),
             Param("qalora_finetune_steps", "int", "QA-LoRA fine-tune steps on the seeds (0: none)", 0,

@@ -26,6 +26,7 @@ class Node:
     metrics: dict
     message: str
     current: bool  # a revision of the adapter whose page this is
+    verdict: dict | None = None  # the revision's quality verdict (derived revisions)
     layer: int = 0
     x: int = 0
     y: int = 0
@@ -39,7 +40,8 @@ class Node:
     @property
     def label(self) -> str:
         refs = f" [{', '.join(self.refs)}]" if self.refs else ""
-        return f"{self.adapter} @ {self.short} ({self.kind}){refs}"
+        verdict = f", verdict {self.verdict['status']}" if self.verdict else ""
+        return f"{self.adapter} @ {self.short} ({self.kind}{verdict}){refs}"
 
     @property
     def accuracy(self):
@@ -110,6 +112,7 @@ def layout(lineage: dict, current: str) -> Layout:
         n["id"]: Node(
             id=n["id"], adapter=n["adapter"], kind=n["kind"], base_model=n["base_model"], refs=n.get("refs") or [],
             metrics=n.get("metrics") or {}, message=n.get("message") or "", current=n["adapter"] == current,
+            verdict=n.get("verdict"),
         )
         for n in lineage.get("nodes", [])
     }

@@ -49,7 +49,8 @@ class OpForm(forms.Form):
         if kind == "bool":
             return forms.BooleanField(**{**common, "required": False})
         if kind == "choice":
-            coerce = int if all(isinstance(c, int) for c in p["choices"]) else str
+            by_text = {str(c): c for c in p["choices"]}  # 4 for "4", "auto" for "auto"
+            coerce = by_text.__getitem__
             blank = [] if p.get("default") is not None or required else [("", "default")]
             return forms.TypedChoiceField(**common, coerce=coerce, empty_value=None,
                                           choices=blank + [(c, str(c)) for c in p["choices"]])

@@ -31,12 +31,17 @@ def due_bases(now=None):
 
 def _transfer_jobs(base: BaseModel):
     target = base.successor.slug
-    return [j for j in Job.objects.filter(op="transfer", adapter__base_model=base)
+    return [j for j in Job.objects.filter(op="transfer", adapter__base_model=base).select_related("result_revision")
             if (j.params or {}).get("target") == target]
 
 
 def sweep(now=None) -> dict:
-    """Enqueue what is missing; returns {base slug: {"enqueued": n, "skipped": n, "waiting": n}}."""
+    """Enqueue what is missing; returns {base slug: {"enqueued": n, "skipped": n, "waiting": n, "rejected": n}}.
+
+    `rejected`: adapters whose transfer succeeded but whose result failed its quality verdict
+    (adapters_ops.verdict): not moved, and not retried either (the same job would fail the same
+    way); the owner was told by an `adapter.move_failed` webhook and sees "verdict failed" in
+    the base's retransfer plan."""
     limit = int(knob("RETRANSFER_MAX_ACTIVE", 4))
     summary = {}
     for base in due_bases(now):
@@ -44,9 +49,14 @@ def sweep(now=None) -> dict:
         busy = {j.adapter_id for j in jobs if j.status in ("queued", "running", "succeeded")}
         active = sum(1 for j in jobs if j.status in ("queued", "running"))
         moved = set(Revision.objects.filter(base_model=base.successor, parents__adapter__base_model=base)
-                    .values_list("parents__adapter_id", flat=True))
-        counts = {"enqueued": 0, "skipped": 0, "waiting": 0}
+                    .exclude(verdict__status="failed").values_list("parents__adapter_id", flat=True))
+        rejected = {j.adapter_id for j in jobs if j.status == "succeeded" and j.adapter_id not in moved
+                    and (getattr(j.result_revision, "verdict", None) or {}).get("status") == "failed"}
+        counts = {"enqueued": 0, "skipped": 0, "waiting": 0, "rejected": 0}
         for adapter in Adapter.objects.filter(base_model=base).order_by("created_at", "id"):
+            if adapter.id in rejected:
+                counts["rejected"] += 1
+                continue
             if adapter.id in busy or adapter.id in moved:
                 counts["skipped"] += 1
                 continue
@@ -63,6 +73,9 @@ def sweep(now=None) -> dict:
             counts["enqueued"] += 1
         summary[base.slug] = counts
         log.info("retransfer %s -> %s: %s", base.slug, base.successor.slug, counts)
+        if counts["rejected"]:
+            log.warning("retransfer %s -> %s: %d transfer(s) failed their quality verdict; not moved",
+                        base.slug, base.successor.slug, counts["rejected"])
     return summary
 
 

@@ -153,6 +153,9 @@ class RevisionOutput:
     ref: str | None = None  # default: the kind
     base: BaseModel | None = None  # default: the adapter's base
     done_message: str = ""
+    # adapters_ops.verdict's dict for a derived revision. A failed one never
+    # moves `main`: the revision is kept under its kind's ref instead.
+    verdict: dict | None = None
 
 
 @dataclass
@@ -528,13 +531,17 @@ def _succeed(ctx: JobContext, result) -> str:
             if isinstance(adapter, NewAdapter):
                 adapter = adapter.get_or_create(job.owner)
             base = result.base or adapter.base_model
+            ref, message = _verdict_ref(result)
             rev = services.revision_create(
                 adapter=adapter, files=blobs, kind=result.kind, user=job.owner,
                 message=result.message or f"{job.op} job {job.id}", summary=_summary(blobs, base),
                 parents=result.parents, params=job.params if result.params is None else result.params,
-                metrics=result.metrics, job=job, ref=result.ref, base=base,
+                metrics=result.metrics, job=job, ref=ref, base=base,
             )
-            message = result.done_message or f"Created {result.kind} revision {rev.sha[:12]}."
+            if result.verdict is not None:
+                rev.verdict = result.verdict
+                rev.save(update_fields=["verdict"])
+            message = message or f"Created {result.kind} revision {rev.sha[:12]}."
             ctx.ours().update(
                 status="succeeded", progress=1.0, message=message[:300], result_revision=rev, error="",
                 finished_at=timezone.now(),
@@ -548,6 +555,21 @@ def _succeed(ctx: JobContext, result) -> str:
     drop_checkpoints(job.id)
     webhooks.job_finished(job.id)
     return "succeeded"
+
+
+def _verdict_ref(result: RevisionOutput) -> tuple[str | None, str]:
+    """The ref the revision takes and the job's message, with the verdict's line:
+    a failed verdict keeps `main` where it was (the revision goes under its kind)."""
+    from adapters_ops.verdict import summary
+
+    ref, message = result.ref, result.done_message
+    if result.verdict is None:
+        return ref, message
+    line = f"Verdict: {summary(result.verdict)}."
+    if result.verdict.get("status") == "failed" and (ref or result.kind) == "main":
+        ref = result.kind
+        line += f" main not moved (kept as ref '{ref}')."
+    return ref, f"{message} {line}".strip() if message else line
 
 
 def _summary(blobs: dict[str, Blob], base: BaseModel):

@@ -58,17 +58,37 @@ class RevisionFileSerializer(serializers.ModelSerializer):
         fields = ["path", "size", "sha256"]
 
 
+class VerdictSerializer(serializers.Serializer):
+    """A derived revision's quality verdict (adapters_ops.verdict; docs/jobs.md): the source
+    adapter and the result scored on the same seed examples, none of which chose the result."""
+
+    status = serializers.ChoiceField(choices=["passed", "degraded", "failed", "unverified"], read_only=True)
+    before = serializers.FloatField(read_only=True, help_text="exact-match accuracy of the source adapter")
+    after = serializers.FloatField(read_only=True, help_text="exact-match accuracy of this revision")
+    ratio = serializers.FloatField(read_only=True, allow_null=True, help_text="after / before")
+    base = serializers.FloatField(read_only=True, help_text="accuracy of the bare base the result runs on")
+    reason = serializers.CharField(read_only=True)
+    examples = serializers.DictField(read_only=True, help_text=(
+        "which examples were scored: source (held_out_seeds: seeds the op did not choose or train on; all_seeds: "
+        "the op chose nothing on them; none), n, of (seeds in all), indices (lines of the seed file)"))
+    tolerances = serializers.DictField(read_only=True, help_text="pass_ratio and degraded_ratio of the policy")
+    skills = serializers.DictField(read_only=True, child=serializers.DictField(),
+                                   help_text="a merge: one verdict per input skill; the status is the worst")
+
+
 class RevisionSerializer(serializers.ModelSerializer):
     base_model = serializers.SlugRelatedField(slug_field="slug", read_only=True)
     parents = serializers.SerializerMethodField()
     refs = serializers.SerializerMethodField()
     files = RevisionFileSerializer(many=True, read_only=True)
     job = serializers.UUIDField(source="job_id", read_only=True, allow_null=True)
+    verdict = VerdictSerializer(read_only=True, allow_null=True, help_text=(
+        "quality verdict of a derived revision (null on uploads)"))
 
     class Meta:
         model = Revision
         fields = [
-            "sha", "kind", "message", "base_model", "params", "metrics", "parents", "refs", "files", "job",
+            "sha", "kind", "message", "base_model", "params", "metrics", "verdict", "parents", "refs", "files", "job",
             "r", "lora_alpha", "target_modules", "dtype", "size", "created_at",
         ]
 
@@ -139,10 +159,11 @@ class JobSerializer(serializers.ModelSerializer):
         ]
 
     def get_result(self, obj) -> dict | None:
+        """The revision the job made: adapter, sha, kind and its quality verdict (or null)."""
         rev = obj.result_revision
         if rev is None:
             return None
-        return {"adapter": rev.adapter.repo_id, "sha": rev.sha, "kind": rev.kind}
+        return {"adapter": rev.adapter.repo_id, "sha": rev.sha, "kind": rev.kind, "verdict": rev.verdict}
 
 
 class JobCreateSerializer(serializers.Serializer):

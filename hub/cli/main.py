@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from hub.cli import demo, diff, ops, progress, tables, webhook
+from hub.cli import demo, diff, ops, progress, tables, verdicts, webhook
 from hub.cli.client import (
     API,
     Client,
@@ -81,13 +81,6 @@ def parse_when(text: str) -> str:
     except ValueError:
         raise UserError(f"--at takes a date like 2025-07-01 or 2025-07-01T12:00:00Z, got {text!r}.") from None
     return moment.isoformat()
-
-
-def csv_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} takes comma-separated numbers, got {text!r}.") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -460,10 +453,11 @@ def cmd_revisions(args) -> int:
     if args.json:
         dump_json(revs)
         return 0
-    table(["sha", "kind", "refs", "base", "r", "size", "created", "parents", "metrics"],
+    table(["sha", "kind", "refs", "base", "r", "size", "created", "parents", "verdict", "metrics"],
           [[r["sha"][:12], r["kind"], ",".join(r.get("refs") or []), r.get("base_model"), r.get("r"),
             human_size(r.get("size")), short_time(r.get("created_at")),
-            " ".join(f"{p['adapter']}@{p['sha'][:8]}" for p in r.get("parents") or []), fmt_metrics(r.get("metrics"))]
+            " ".join(f"{p['adapter']}@{p['sha'][:8]}" for p in r.get("parents") or []),
+            verdicts.short(r.get("verdict")), fmt_metrics(r.get("metrics"))]
            for r in revs])
     return 0
 
@@ -487,7 +481,8 @@ def cmd_lineage(args) -> int:
         refs = f" [{', '.join(n['refs'])}]" if n.get("refs") else ""
         metrics = f"  {fmt_metrics(n.get('metrics'))}" if n.get("metrics") else ""
         style = "bold" if n["adapter"] == args.repo else ""
-        text = f"{n['adapter']}@{n['id'][:8]} {n['kind']}{refs} on {n['base_model']}{metrics}"
+        verdict = f" verdict {verdicts.short(n['verdict'])}" if n.get("verdict") else ""
+        text = f"{n['adapter']}@{n['id'][:8]} {n['kind']}{refs} on {n['base_model']}{verdict}{metrics}"
         return f"[{style}]{escape(text)}[/{style}]" if style else escape(text)
 
     shown: set[str] = set()
@@ -524,13 +519,17 @@ def job_path(job_id: str) -> str:
     return f"{API}/jobs/{job_id}/"
 
 
-def finish(job: dict) -> int:
-    """Report a finished job: 0 when it succeeded, a user error otherwise."""
+def finish(job: dict, require_pass: bool = False) -> int:
+    """Report a finished job: 0 when it succeeded (and, with require_pass, its verdict passed)."""
     status = job.get("status")
     if status == "succeeded":
         res = job.get("result")
         where = f": {res['adapter']}@{res['sha'][:12]} ({res['kind']})" if res else ""
         out(f"Job {job['id']} ({job.get('op')}) succeeded{where}.")
+        if res:
+            out(verdicts.line(res.get("verdict")))
+        if require_pass:
+            verdicts.require_pass(job)
         return 0
     if status == "cancelled":
         raise UserError(f"Job {job['id']} ({job.get('op')}) was cancelled.")
@@ -538,9 +537,9 @@ def finish(job: dict) -> int:
     raise UserError(f"Job {job['id']} ({job.get('op')}) failed: {error}")
 
 
-def watch(c: Client, job: dict) -> int:
+def watch(c: Client, job: dict, require_pass: bool = False) -> int:
     final = progress.watch_job(lambda: c.get(job_path(job["id"])), first=job)
-    return finish(final)
+    return finish(final, require_pass)
 
 
 def cmd_jobs(args) -> int:
@@ -570,6 +569,7 @@ def cmd_jobs(args) -> int:
             if job.get("result"):
                 r = job["result"]
                 out(f"{'result:':12} {r['adapter']}@{r['sha']} ({r['kind']})")
+                out(f"{'verdict:':12} {verdicts.line(r.get('verdict')).removeprefix('Verdict: ')}")
             return 0
         if args.watch:
             raise UserError("--watch needs a job id: hubctl jobs ID --watch")
@@ -580,12 +580,14 @@ def cmd_jobs(args) -> int:
                               short_time(j.get("created_at"))])
 
 
-def submit(op: str, params: dict, wait: bool) -> int:
+def submit(op: str, params: dict, wait: bool, require_pass: bool = False) -> int:
     params = {k: v for k, v in params.items() if v is not None}
+    if require_pass and not wait:
+        raise UserError("--require-pass goes with --wait (it checks the finished job's verdict).")
     with Client() as c:
         job = c.post(f"{API}/jobs/", {"op": op, "params": params})
         if wait:
-            return watch(c, job)
+            return watch(c, job, require_pass)
     out(job["id"])
     note(f"Submitted {op} job {job['id']}. Follow it with: hubctl jobs {job['id']} --watch")
     return 0
@@ -600,7 +602,7 @@ def cmd_op(args) -> int:
     named = params.get(ops.subject(args.op))
     for repo in named if isinstance(named, list) else [named] if named else []:
         repo_id(repo)
-    return submit(args.op["name"], params, args.wait)
+    return submit(args.op["name"], params, args.wait, args.require_pass)
 
 
 def split_metrics(metrics: dict | None) -> tuple[str, str]:
@@ -641,7 +643,8 @@ def cmd_transfer(args) -> int:
     common = {"target": target, "method": args.method, "finetune_steps": args.finetune_steps}
     if args.adapter:
         repo_id(args.adapter)
-        return submit("transfer", {"adapter": args.adapter, **common, "name": args.name}, args.wait)
+        return submit("transfer", {"adapter": args.adapter, **common, "name": args.name}, args.wait,
+                      args.require_pass)
     if args.name:
         raise UserError("--name names one new adapter: use it with --adapter.")
     with Client() as c:
@@ -675,6 +678,8 @@ def cmd_transfer(args) -> int:
             status = job.get("status", "")
             if status == "failed":
                 after = last_line(job.get("error"))
+            if res.get("verdict"):
+                after = f"{after} · verdict {verdicts.short(res['verdict'])}".lstrip(" ·")
             return [row["adapter"], method, status, f"{100 * float(job.get('progress') or 0):.0f}%", before, after]
 
         for row in rows:
@@ -683,8 +688,12 @@ def cmd_transfer(args) -> int:
         progress.watch_jobs_table(rows, refresh, render, ["adapter", "method", "status", "progress", "before", "after"],
                                   title=f"transfer {source} -> {target}")
     failed = [r for r in rows if r["job"] is None or r["job"].get("status") != "succeeded"]
+    if args.require_pass:  # a result that did not pass its verdict counts as not done
+        failed += [r for r in rows if r not in failed
+                   and ((r["job"].get("result") or {}).get("verdict") or {}).get("status") != "passed"]
     if failed:
-        raise UserError(f"{len(failed)} of {len(rows)} transfers did not succeed: "
+        raise UserError(f"{len(failed)} of {len(rows)} transfers did not succeed"
+                        + (" or pass their verdict" if args.require_pass else "") + ": "
                         + ", ".join(r["adapter"] for r in failed))
     out(f"All {len(rows)} transfers from {source} to {target} succeeded.")
     return 0
@@ -797,6 +806,8 @@ def build_parser(op_specs: list[dict] | None = None) -> Parser:
 
     def wait_flags(s):
         s.add_argument("--wait", "--watch", dest="wait", action="store_true", help="follow the job until it finishes")
+        s.add_argument("--require-pass", action="store_true",
+                       help="with --wait: exit 1 unless the result's quality verdict is passed (docs/jobs.md)")
 
     s = sub.add_parser("transfer", help="move adapters from one base model to another (jobs)")
     s.add_argument("--from", dest="source", required=True, metavar="BASE")

@@ -74,7 +74,7 @@ def add_param(s: argparse.ArgumentParser, p: dict, dest: str | None = None) -> N
         return
     if kind == "choice":
         kwargs["choices"] = p["choices"]
-        kwargs["type"] = int if all(isinstance(c, int) for c in p["choices"]) else str
+        kwargs["type"] = choice_value(p["choices"])
     elif kind in ("int", "float"):
         kwargs["type"] = number_or_word(p)
         kwargs["metavar"] = "|".join(["N" if kind == "int" else "X", *p.get("words", [])])
@@ -97,6 +97,18 @@ def param_help(p: dict) -> str:
     if "default" in p and p["type"] != "object":
         text += f"; default {json.dumps(p['default'])}"
     return text.replace("%", "%%")  # argparse formats help with %
+
+
+def choice_value(choices):
+    """An argparse type: the declared choice whose text was given (4 for "4", "auto" for "auto")."""
+    by_text = {str(c): c for c in choices}
+
+    def parse(text: str):
+        if text in by_text:
+            return by_text[text]
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(by_text)})")
+    parse.__name__ = "choice"
+    return parse
 
 
 def _num(v) -> str:

@@ -82,12 +82,13 @@ def base_model_candidates(data: dict) -> list[str]:
 
 
 def card_data(*, slug: str, kind: str, tags: list[str], merged_from: list[str] = (),
-              new_version: str | None = None) -> dict:
+              new_version: str | None = None, verdict: dict | None = None) -> dict:
     """The front-matter fields of a generated adapter card.
 
     A merge names the adapters it merged (the Hub's convention for merges:
     `base_model` is the list of merged models); without visible parents it
-    names the base like any other revision."""
+    names the base like any other revision. A derived revision's quality
+    verdict goes under `verdict` (status, accuracies, ratio, examples used)."""
     relation = RELATION.get(kind, "adapter")
     data: dict = {"library_name": "peft"}
     if relation == "merge" and merged_from:
@@ -99,7 +100,39 @@ def card_data(*, slug: str, kind: str, tags: list[str], merged_from: list[str] =
     data["tags"] = all_tags
     if new_version:
         data["new_version"] = new_version
+    if verdict:
+        data["verdict"] = verdict_field(verdict)
     return data
+
+
+VERDICT_KEYS = ("status", "before", "after", "ratio", "base", "reason")
+
+
+def verdict_field(verdict: dict) -> dict:
+    """The card's `verdict` front-matter field: the verdict without its per-skill detail,
+    with the examples it was scored on (`held_out_seeds`, `all_seeds` or `none`, and how many)."""
+    out = {k: verdict[k] for k in VERDICT_KEYS if verdict.get(k) is not None}
+    ex = verdict.get("examples") or {}
+    if ex:
+        out["examples"] = {k: ex[k] for k in ("source", "n", "of") if k in ex}
+    if verdict.get("skills"):
+        out["skills"] = {name: v.get("status") for name, v in verdict["skills"].items()}
+    return out
+
+
+def verdict_facts(verdict: dict | None) -> list[tuple[str, str]]:
+    """Facts-table rows for the verdict: a failed or degraded result says so on its card."""
+    if not verdict:
+        return []
+    status = str(verdict.get("status", "unverified"))
+    rows = [("quality verdict", f"**{status}**" + (f" ({verdict['reason']})" if verdict.get("reason") else ""))]
+    if verdict.get("ratio") is not None:
+        ex = verdict.get("examples") or {}
+        on = f" on {ex['n']} {str(ex.get('source', 'seeds')).replace('_', ' ')}" if ex.get("n") else ""
+        rows.append(("seed accuracy (source -> this revision)",
+                     f"{float(verdict['before']):.2f} -> {float(verdict['after']):.2f} "
+                     f"({float(verdict['ratio']):.0%}){on}"))
+    return rows
 
 
 def render_card(data: dict, *, title: str, description: str, facts: list[tuple[str, str]], usage: str) -> str:

@@ -201,6 +201,9 @@ class Revision(models.Model):
     message = models.CharField(max_length=300, blank=True, default="")
     params = models.JSONField(default=dict, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    # Derived revisions: the quality verdict (adapters_ops.verdict: status passed | degraded |
+    # failed | unverified, accuracies before/after, ratio, the examples used); null on uploads.
+    verdict = models.JSONField(null=True, blank=True, default=None)
     parents = models.ManyToManyField("self", symmetrical=False, blank=True, related_name="children")
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="+")
     job = models.ForeignKey("Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="revisions")

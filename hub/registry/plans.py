@@ -31,11 +31,17 @@ class PlanRow:
             return "in progress"
         if any(j.status == "failed" for j in self.jobs):
             return "failed"
+        if any(j.status == "succeeded" and _verdict_failed(j.result_revision) for j in self.jobs):
+            return "verdict failed"  # the result exists but did not take `main`: not moved
         return "planned"
 
     @property
     def active_job(self) -> Job | None:
         return next((j for j in self.jobs if j.status in ("queued", "running")), None)
+
+
+def _verdict_failed(rev: Revision | None) -> bool:
+    return rev is not None and (rev.verdict or {}).get("status") == "failed"
 
 
 def target_weights(manifest: dict, modules: list[str]) -> list[str]:
@@ -73,12 +79,14 @@ def retransfer_plan(user, base: BaseModel) -> list[PlanRow]:
     )
     ids = [a.id for a in adapters]
     jobs: dict[int, list[Job]] = {}
-    for job in Job.objects.visible_to(user).filter(op="transfer", adapter_id__in=ids).order_by("-created_at"):
+    for job in (Job.objects.visible_to(user).filter(op="transfer", adapter_id__in=ids)
+                .select_related("result_revision").order_by("-created_at")):
         if (job.params or {}).get("target") == successor.slug:
             jobs.setdefault(job.adapter_id, []).append(job)
     done: dict[int, Revision] = {}
     derived = (
         Revision.objects.filter(base_model=successor, kind__in=TRANSFER_KINDS)
+        .exclude(verdict__status="failed")  # a result that failed its verdict is not a move
         .prefetch_related("parents")
         .select_related("adapter")
         .order_by("created_at")
@@ -104,7 +112,7 @@ def plan_as_dict(rows: list[PlanRow]) -> list[dict]:
             "job": str(r.active_job.id) if r.active_job else (str(r.jobs[0].id) if r.jobs else None),
             "progress": r.active_job.progress if r.active_job else None,
             "result": {"adapter": r.done.adapter.repo_id, "sha": r.done.sha,
-                       "metrics": r.done.metrics} if r.done else None,
+                       "metrics": r.done.metrics, "verdict": r.done.verdict} if r.done else None,
         }
         for r in rows
     ]

@@ -148,6 +148,7 @@ def lineage(user, adapter: Adapter, depth: int = 20) -> dict:
             "created_at": r.created_at.isoformat(),
             "message": r.message,
             "metrics": r.metrics,
+            "verdict": r.verdict,
             "job": str(r.job_id) if r.job_id else None,
             "refs": refs_of(r),
         }

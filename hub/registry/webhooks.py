@@ -176,8 +176,10 @@ def _job_data(job: Job) -> dict:
         "adapter": job.adapter.repo_id if job.adapter else None,
         "revision": None if rev is None else {
             "adapter": rev.adapter.repo_id, "sha": rev.sha, "kind": rev.kind, "metrics": rev.metrics,
-            "url": f"/api/v1/adapters/{rev.adapter.repo_id}/",
+            "verdict": rev.verdict, "url": f"/api/v1/adapters/{rev.adapter.repo_id}/",
         },
+        # the result's quality verdict (docs/jobs.md), null when the job made no revision
+        "verdict": None if rev is None else rev.verdict,
     }
 
 
@@ -189,6 +191,8 @@ def events_for(job: Job) -> list[tuple[str, dict]]:
     if job.op in MOVE_OPS and adapter is not None and job.status in ("succeeded", "failed"):
         base = adapter.base_model
         target = (job.params or {}).get("target")
+        # A result whose verdict failed did not take `main` on the target: for the owner the move failed.
+        rejected = job.status == "succeeded" and verdict_failed(job.result_revision)
         moved = {
             **data,
             "from_base": base.slug,
@@ -196,8 +200,14 @@ def events_for(job: Job) -> list[tuple[str, dict]]:
             # the scheduled retransfer of a deprecated base, rather than a user's own request
             "retransfer": base.status == "deprecated" and base.successor is not None and base.successor.slug == target,
         }
-        out.append(("adapter.moved" if job.status == "succeeded" else "adapter.move_failed", moved))
+        if rejected:
+            moved["reason"] = "verdict_failed"
+        out.append(("adapter.moved" if job.status == "succeeded" and not rejected else "adapter.move_failed", moved))
     return out
+
+
+def verdict_failed(rev) -> bool:
+    return rev is not None and (rev.verdict or {}).get("status") == "failed"
 
 
 def job_finished(job_id) -> int:

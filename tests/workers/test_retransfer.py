@@ -42,7 +42,7 @@ def test_beat_moves_every_adapter_of_a_deprecated_base_once(celery_procs, user, 
     assert jobs.count() == 2 and set(jobs.values_list("status", flat=True)) == {"succeeded"}
     # later sweeps (beat keeps running) add nothing
     counts = sweep()
-    assert counts["tiny-base"] == {"enqueued": 0, "skipped": 2, "waiting": 0}
+    assert counts["tiny-base"] == {"enqueued": 0, "skipped": 2, "waiting": 0, "rejected": 0}
     assert Job.objects.filter(op="transfer").count() == 2
     # the plan, as the owner sees it over REST
     plan = client_for(user).get("/api/v1/base-models/tiny-base/").json()["retransfer"]
@@ -69,8 +69,8 @@ def test_sweep_respects_the_concurrency_limit(db, user, staff_user, tiny_base, p
     _upload(user, tiny_base, make_peft_adapter("third", r=2, seed=4), "third")
     successor = _register(staff_user, "tiny-base-n2", TINY_CONFIG, tmp_path, seed=9)
     base_model_deprecate(base=tiny_base, successor=successor, at=timezone.now() - dt.timedelta(seconds=1))
-    assert retransfer.sweep()["tiny-base"] == {"enqueued": 1, "skipped": 0, "waiting": 1}
-    assert retransfer.sweep()["tiny-base"] == {"enqueued": 0, "skipped": 1, "waiting": 1}
+    assert retransfer.sweep()["tiny-base"] == {"enqueued": 1, "skipped": 0, "waiting": 1, "rejected": 0}
+    assert retransfer.sweep()["tiny-base"] == {"enqueued": 0, "skipped": 1, "waiting": 1, "rejected": 0}
     Job.objects.filter(op="transfer").update(status="succeeded")
-    assert retransfer.sweep()["tiny-base"] == {"enqueued": 1, "skipped": 1, "waiting": 0}
+    assert retransfer.sweep()["tiny-base"] == {"enqueued": 1, "skipped": 1, "waiting": 0, "rejected": 0}
     assert Job.objects.filter(op="transfer").count() == 2

@@ -5,8 +5,9 @@ bases' manifests line up, optionally followed by a short fine-tune on the
 seed examples ("recycle then fine-tune"). `translora` distills it through
 synthetic data (adapters_ops.translora; resumable by stage). `auto` tries diff
 and falls back to Trans-LoRA when the bases differ or diff fails the quality
-gate. With seeds, the gate's metrics are stored and the revision is marked
-`verified` only if it beats the bare target.
+gate. With seeds, the gate's metrics are stored (on the examples it chose on),
+and the revision's verdict (adapters_ops.verdict) compares source and result
+on seeds nothing chose on; a failed verdict leaves `main` unset (runner).
 
 The result lands in `name` (default `<owner>/<name>-<target>`, see
 default_name), a new adapter on the target base with the source's tags, whose
@@ -34,6 +35,7 @@ def default_name(repo_id: str, target_slug: str, source_slug: str = "") -> str:
 
 def transfer(ctx: runner.JobContext) -> runner.RevisionOutput:
     from adapters_ops import transfer as lib
+    from adapters_ops import verdict
 
     p = ctx.params
     adapter = ctx.adapter
@@ -48,32 +50,42 @@ def transfer(ctx: runner.JobContext) -> runner.RevisionOutput:
     if method == "diff" and not compat:
         raise runner.OpError(compat.message, "incompatible_bases")
     seeds = inputs.seeds(adapter)
+    # Fine-tuning, the auto gate's choice and Trans-LoRA's kept state read one part of the seeds;
+    # the verdict scores the other. A plain diff transfer chooses nothing and is judged on all.
+    selects = method != "diff" or bool(p.get("finetune_steps"))
+    plan = verdict.plan_examples(seeds, selects=selects)
+    chosen = plan.choose
     metrics: dict = {"compatible": bool(compat)}
     transferred, used = None, None
     if compat and method in ("diff", "auto"):
         transferred, used = lib.rebase(lora, target.slug, scale=p.get("scale", 1.0)), "diff"
-        if seeds and p.get("finetune_steps"):
+        if chosen and p.get("finetune_steps"):
             tdir = inputs.base_dir(ctx, target)
-            ctx.progress(0.3, f"Recycle then fine-tune: {p['finetune_steps']} steps on {len(seeds)} seeds")
+            ctx.progress(0.3, f"Recycle then fine-tune: {p['finetune_steps']} steps on {len(chosen)} seeds")
             transferred = lib.recycle_finetune(
-                transferred, tdir, seeds, steps=p["finetune_steps"], seed=p.get("seed", 0), target_slug=target.slug,
+                transferred, tdir, chosen, steps=p["finetune_steps"], seed=p.get("seed", 0), target_slug=target.slug,
                 progress=lambda f, msg="": ctx.progress(0.3 + 0.4 * f, msg or "fine-tuning"))
             used = "diff+finetune"
-    if seeds and transferred is not None:
-        ctx.progress(0.75, f"Quality gate on {len(seeds)} seed examples")
+    if chosen and transferred is not None:
+        ctx.progress(0.75, f"Quality gate on {len(chosen)} seed examples")
         gate = lib.quality_gate(inputs.base_dir(ctx, source.base_model), inputs.base_dir(ctx, target), lora,
-                                transferred, seeds)
+                                transferred, chosen)
         metrics.update(gate["metrics"], verified=gate["verified"], recovered=gate["recovered"])
         if not gate["verified"] and method == "auto":
             transferred = None  # fall through to Trans-LoRA
     if transferred is None:
-        transferred, used, report = _translora(ctx, source, lora, target, seeds)
+        transferred, used, report = _translora(ctx, source, lora, target, chosen)
         metrics.update(report)
     metrics["method"] = used
+    if seeds:
+        ctx.progress(0.95, "Verdict: scoring the transferred adapter against the source")
+        src_dir, tgt_dir = inputs.base_dir(ctx, source.base_model), inputs.base_dir(ctx, target)
+        judged = verdict.assess(plan, source=(src_dir, lora), derived=(tgt_dir, transferred), bare=(tgt_dir, None))
+    else:
+        judged = verdict.unverified("the adapter has no seed examples", verdict.describe(plan))
     out = transferred.save(ctx.workdir / "transferred")
     repo = p.get("name") or default_name(adapter.repo_id, target.slug, source.base_model.slug)
     owner, name = repo.split("/", 1)
-    verdict = "verified" if metrics.get("verified") else "unverified" if seeds else "no seeds to verify"
     return runner.RevisionOutput(
         adapter=runner.NewAdapter(
             owner=owner, name=name, base=target, visibility=adapter.visibility, seeds=adapter.seeds,
@@ -82,10 +94,10 @@ def transfer(ctx: runner.JobContext) -> runner.RevisionOutput:
                         + adapter.description,
         ),
         kind="translora" if used == "translora" else "transfer", parents=[source], base=target, ref="main",
-        metrics=metrics, message=f"{used} transfer {source.base_model.slug} -> {target.slug} ({verdict})",
+        metrics=metrics, message=f"{used} transfer {source.base_model.slug} -> {target.slug} ({judged['status']})",
         files={"adapter_config.json": out / "adapter_config.json",
                "adapter_model.safetensors": out / "adapter_model.safetensors"},
-        done_message=f"Transferred to {repo} by {used} ({verdict}).",
+        done_message=f"Transferred to {repo} by {used}.", verdict=judged,
     )
 
 

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0003_names_and_token_expiry'),
+        ('registry', '0004_revision_verdict'),
     ]
 
     operations = [
