@@ -31,18 +31,23 @@ def test_metrics_table_labels_explains_and_escapes():
 
 
 def test_job_forms_offer_auto_settings():
-    from frontend.forms import CompressForm, MergeForm, QuantizeForm
+    """The auto settings come from the op declarations, like every other field of the job forms."""
+    from adapters_ops import opspecs
+    from frontend.job_forms import OpForm
 
-    a = SimpleNamespace(repo_id="alice/caesar", owner="alice", name="caesar")
-    form = CompressForm({"compress-density": "auto", "compress-scope": "global", "compress-magnitude_bits": "0",
-                         "compress-factorization": "as_is"}, adapter=a)
-    assert form.is_valid(), form.errors
-    assert form.params()["density"] == "auto"
-    form = CompressForm({"compress-density": "lots", "compress-scope": "global", "compress-magnitude_bits": "0",
-                         "compress-factorization": "as_is"}, adapter=a)
-    assert not form.is_valid() and "or auto" in str(form.errors["density"])
-    form = QuantizeForm({"quantize-bits": "auto", "quantize-group_size": "32", "quantize-qalora_finetune_steps": "0"},
-                        adapter=a)
-    assert form.is_valid(), form.errors
-    assert form.params()["bits"] == "auto"
-    assert ("auto", "auto") in MergeForm.base_fields["method"].choices
+    a = SimpleNamespace(repo_id="alice/caesar", owner="alice", name="caesar", base_model_id=None)
+
+    def form(op, data):
+        return OpForm({f"{op}-{k}": v for k, v in data.items()}, spec=opspecs.OPS[op].describe(), adapter=a)
+
+    f = form("compress", {"density": "auto", "scope": "global", "magnitude_bits": "0", "factorization": "as_is"})
+    assert f.is_valid(), f.errors
+    assert f.params()["density"] == "auto"
+    f = form("compress", {"density": "lots", "scope": "global", "magnitude_bits": "0", "factorization": "as_is"})
+    assert not f.is_valid() and "or 'auto'" in f.errors["density"][0]
+    f = form("quantize", {"bits": "auto", "group_size": "32", "qalora_finetune_steps": "0"})
+    assert f.is_valid(), f.errors
+    assert f.params()["bits"] == "auto"
+    f = form("quantize", {"bits": "4", "group_size": "32", "qalora_finetune_steps": "0"})
+    assert f.is_valid() and f.params()["bits"] == 4  # the declared choice, an integer
+    assert ("auto", "auto") in form("merge", {}).fields["method"].choices
