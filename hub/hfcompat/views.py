@@ -42,7 +42,7 @@ from hub.registry.models import NAME_RE, Adapter, ApiToken, BaseModel, Blob, Rev
 from hub.registry.querysets import owner_names
 from hub.registry.services import Conflict, Forbidden, IncomingFile
 from hub.registry.validation import ValidationError, check_filename, content_disposition
-from hub.storage import open_blob
+from hub.storage import open_blob, upload_temp_dir
 
 from . import card
 
@@ -805,7 +805,7 @@ def read_commit(request, stack: ExitStack) -> ParsedCommit:
             if value.get("encoding", "base64") != "base64":
                 raise ValidationError("invalid_commit", f"{path}: only base64 file contents are accepted.")
             path = check_filename(path)
-            fh = stack.enter_context(tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="hfcommit-"))
+            fh = stack.enter_context(tempfile.NamedTemporaryFile(dir=upload_temp_dir(), prefix="hfcommit-"))
             sha, size = _decode_into(value.pop("content"), fh, path)
             if size > _max_file_bytes():
                 raise ValidationError("upload_too_large", f"{path} is over {_max_file_bytes()} bytes.", field=path)
