@@ -10,6 +10,7 @@ the safetensors header."""
 import hashlib
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from django.conf import settings
 from django.core.files.uploadedfile import TemporaryUploadedFile, UploadedFile
@@ -34,6 +35,34 @@ class SpooledUpload(TemporaryUploadedFile):
         UploadedFile.__init__(self, file, name, content_type, size, charset, content_type_extra)
 
 
+# Shared by all uploads of a process; each upload has at most one piece in it.
+_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upload-sha256")
+
+
+class BackgroundHash:
+    """sha256 of an upload, one piece behind: hashlib lets go of the GIL on
+    large buffers, so hashing piece N overlaps receiving and writing piece
+    N+1. Only one piece waits at a time: memory stays flat, order is kept,
+    and an upload abandoned halfway leaves nothing running."""
+
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self._pending: Future | None = None
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def update(self, chunk: bytes) -> None:
+        self._wait()
+        self._pending = _HASHERS.submit(self.sha.update, chunk)
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self.sha.hexdigest()
+
+
 class HashingUploadHandler(TemporaryFileUploadHandler):
     # The multipart parser reads the body in pieces of the smallest handler
     # chunk: Django's 64 KiB costs a Python round trip (and buffer copies) per
@@ -51,7 +80,7 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
     def new_file(self, *args, **kwargs):
         super(TemporaryFileUploadHandler, self).new_file(*args, **kwargs)
         self.file = SpooledUpload(self.file_name, self.content_type, 0, self.charset, self.content_type_extra)
-        self.sha = hashlib.sha256()
+        self.sha = BackgroundHash()
         self.size = 0
 
     def receive_data_chunk(self, raw_data, start):
