@@ -56,6 +56,10 @@ def _free_port() -> int:
 @pytest.fixture
 def gunicorn_hub(transactional_db, settings, tmp_path):
     """(url, sendfile_calls()) of a gunicorn serving this test's data."""
+    yield from _gunicorn(settings, tmp_path, {})
+
+
+def _gunicorn(settings, tmp_path, extra_env: dict):
     from django.db import connection
 
     from hub.cli.serve import gunicorn_extra_flags
@@ -67,7 +71,7 @@ def gunicorn_hub(transactional_db, settings, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("S3_BUCKET", "BLOB_ACCEL")}
     env.update(DJANGO_SETTINGS_MODULE="hub.settings", HUB_HOME=str(settings.HUB_HOME),
                BLOB_ROOT=str(settings.BLOB_ROOT), DATABASE_URL=database_url(connection.settings_dict),
-               PYTHONPATH=str(ROOT), SENDFILE_LOG=str(log))
+               PYTHONPATH=str(ROOT), SENDFILE_LOG=str(log), **extra_env)
     out = open(tmp_path / "gunicorn.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "hub.cli.serve:embedded_app()", "--bind", f"127.0.0.1:{port}",
@@ -325,3 +329,104 @@ def test_s3_multipart_upload_and_ranged_proxy(s3_storage, transactional_db, clie
     assert b"".join(iter_blob(blob, 0, 0)) == b""
     assert copy_to_path(blob, settings.HUB_HOME / "copy.bin").read_bytes() == payload
     (settings.HUB_HOME / "copy.bin").unlink()
+
+
+NGINX_CONF = """
+{user}
+daemon off;
+worker_processes 1;
+pid {home}/nginx.pid;
+error_log {home}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {home}/body;
+    proxy_temp_path {home}/proxy;
+    fastcgi_temp_path {home}/fastcgi;
+    uwsgi_temp_path {home}/uwsgi;
+    scgi_temp_path {home}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /_blobs/ {{
+            internal;
+            alias {blobs}/;
+            etag off;
+            add_header ETag $upstream_http_etag;
+            add_header X-Repo-Commit $upstream_http_x_repo_commit;
+            add_header X-Linked-Etag $upstream_http_x_linked_etag;
+            add_header X-Linked-Size $upstream_http_x_linked_size;
+            add_header X-Revision $upstream_http_x_revision;
+        }}
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_request_buffering off;
+            client_max_body_size 0;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx_hub(transactional_db, settings, tmp_path):
+    """nginx (the docs/deploy.md configuration) in front of a gunicorn with
+    BLOB_ACCEL=x-accel-redirect; skipped where no nginx is installed."""
+    import shutil
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("no nginx binary (apt-get install nginx-light)")
+    gen = _gunicorn(settings, tmp_path, {"BLOB_ACCEL": "x-accel-redirect", "BLOB_ACCEL_PREFIX": "/_blobs/"})
+    upstream, calls = next(gen)
+    home = tmp_path / "nginx"
+    home.mkdir()
+    port = _free_port()
+    # Started as root, nginx's workers would drop to `nobody`, who cannot enter the test's 0700 HUB_HOME.
+    user = "user root;" if os.geteuid() == 0 else ""
+    (home / "nginx.conf").write_text(NGINX_CONF.format(user=user, home=home, port=port, blobs=settings.BLOB_ROOT,
+                                                       upstream=upstream.removeprefix("http://")))
+    proc = subprocess.Popen([nginx, "-p", str(home), "-c", str(home / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(url + "/api/v1/base-models/", timeout=2)
+            break
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail((home / "error.log").read_text()[-2000:] if (home / "error.log").exists() else "nginx")
+            time.sleep(0.1)
+    yield url, calls
+    os.killpg(proc.pid, 9)
+    proc.wait(10)
+    next(gen, None)
+
+
+def test_nginx_sends_the_file_named_by_x_accel_redirect(nginx_hub, big_base, tiny_base, user, token_for, peft_dir):
+    url, calls = nginx_hub
+    _, data = big_base
+    sha = hashlib.sha256(data).hexdigest()
+    route = "/big-base/resolve/main/model.safetensors"
+    r = httpx.get(url + route)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["etag"] == f'"{sha}"' and r.headers["x-repo-commit"] and "x-accel-redirect" not in r.headers
+    r = httpx.get(url + route, headers={"Range": "bytes=100-1999"})
+    assert r.status_code == 206 and r.content == data[100:2000]  # nginx answered the range from the file
+    assert r.headers["content-range"] == f"bytes 100-1999/{len(data)}"
+    assert httpx.get(url + route, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    assert httpx.get(url + route, headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+    head = httpx.head(url + route)
+    assert head.status_code == 200 and head.headers["x-linked-size"] == str(len(data))
+    upload_adapter(owner="alice", name="secret", base=tiny_base, adapter_dir=peft_dir, user=user,
+                   visibility="private")
+    private = "/alice/secret/resolve/main/adapter_model.safetensors"
+    assert httpx.get(url + private).status_code == 404
+    owner = {"Authorization": f"Bearer {token_for(user)}"}
+    r = httpx.get(url + private, headers=owner)
+    assert r.status_code == 200 and r.content == (peft_dir / "adapter_model.safetensors").read_bytes()
+    assert calls() == []  # gunicorn sent no file: nginx did
+    # The internal location is not reachable from outside.
+    from hub.storage import blob_key
+    assert httpx.get(url + "/_blobs/" + blob_key(sha)).status_code == 404
