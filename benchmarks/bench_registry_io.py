@@ -209,7 +209,7 @@ print(time.perf_counter() - t, path)
 """
 
 
-def run_once(root: Path, size_mb: int, storage: str) -> dict:
+def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_downloads: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-io-"))
     weed = hub = None
     rows = {}
@@ -245,9 +245,13 @@ def run_once(root: Path, size_mb: int, storage: str) -> dict:
         step("upload", lambda: curl("-H", auth, "-F", "slug=bench-base", "-F", f"files=@{weights}",
                                     "-F", f"files=@{weights.parent / 'config.json'}", url + "/api/v1/base-models/"))
         file_url = url + "/api/v1/base-models/bench-base/files/model.safetensors"
-        step("download", lambda: curl("-H", auth, "-o", str(out), file_url))
-        assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
-        out.unlink()
+        for i in range(downloads):
+            step("download" if downloads == 1 else f"download {i + 1}", lambda: curl("-H", auth, "-o", str(out), file_url))
+            assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
+            out.unlink()
+        if only_downloads:
+            return {"size_mb": mb, "storage": storage, "copy_mb_s": mb / copy_s, "rw_copy_mb_s": mb / rw_copy_s,
+                    "steps": rows, "load": os.getloadavg()}
         lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
         step("range (middle half)", lambda: curl("-H", auth, "-r", f"{lo}-{hi}", "-o", str(out), file_url),
              nb=hi - lo + 1)
@@ -287,6 +291,8 @@ def main():
     ap.add_argument("--storage", choices=["fs", "s3"], nargs="+", default=["fs"])
     ap.add_argument("--root", type=Path, default=ROOT, help="the source tree to serve (default: this one)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--downloads", type=int, default=1, help="full downloads in a row (CPU per GB is noisy)")
+    ap.add_argument("--only-downloads", action="store_true", help="upload and downloads only: no Range, no HF client")
     args = ap.parse_args()
     print(f"root {args.root}  load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}  cores {os.cpu_count()}")
     print("MB = 10^6 bytes. copy: shutil.copyfile (kernel copy); rw copy: read/write 8 MiB through user space")
@@ -295,7 +301,7 @@ def main():
     results = []
     for storage in args.storage:
         for size in args.size_mb:
-            r = run_once(args.root, size, storage)
+            r = run_once(args.root, size, storage, args.downloads, args.only_downloads)
             results.append(r)
             for name, s in r["steps"].items():
                 print(f"{storage:>7} {r['size_mb']:6.0f} {name:>20} {s['mb_s']:8.0f} {r['copy_mb_s']:10.0f} "
