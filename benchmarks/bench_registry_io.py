@@ -261,6 +261,14 @@ def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_do
             assert hashlib.sha256(f.read(1 << 20)).digest() == hashlib.sha256(out.open("rb").read(1 << 20)).digest()
         out.unlink()
 
+        # hubctl base add: the CLI's streamed multipart upload into the same spool (the bytes dedupe
+        # to the stored blob, so the commit is a no-op: this times the transfer, hashing and header check).
+        cli_env = {**os.environ, "HUB_URL": url, "HUB_TOKEN": token, "PYTHONPATH": str(root)}
+        step("hubctl base add", lambda: subprocess.run(
+            [sys.executable, "-c", "import sys; from hub.cli.main import main; sys.exit(main(sys.argv[1:]))",
+             "base", "add", "bench-base-cli", "--weights", str(weights.parent)],
+            env=cli_env, check=True, capture_output=True))
+
         hf_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         hf_env.update(HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                       HF_HUB_DISABLE_PROGRESS_BARS="1")
