@@ -13,6 +13,7 @@ left without a row by a crash.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -88,14 +89,19 @@ def upload_temp_dir() -> str | None:
 
 
 def _source_path(fileobj) -> str | None:
-    """The path of a file object's bytes on disk when it is a whole regular
-    file (an upload spooled by Django, an open file), else None."""
+    """The path of a file object's bytes on disk when it is an open regular file
+    (an upload spooled by Django, a named temporary file, an open() file), else
+    None. Only the object's own descriptor counts: a name alone may be a storage
+    key, and touching `.file` of a storage's file object may download it."""
     if hasattr(fileobj, "temporary_file_path"):
         return fileobj.temporary_file_path()
-    name = getattr(getattr(fileobj, "file", fileobj), "name", None)
-    if isinstance(name, str) and os.path.isfile(name):
-        return name
-    return None
+    name = getattr(fileobj, "name", None)
+    if not isinstance(name, str) or not os.path.isabs(name):
+        return None
+    try:
+        return name if os.path.samestat(os.fstat(fileobj.fileno()), os.stat(name)) else None
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _spooled_path(fileobj) -> str | None:
@@ -201,8 +207,6 @@ class BlobBatch:
             raise OSError(f"blob {blob.sha256}: another writer created {blob.key} while its row was held")
 
     def put_bytes(self, data: bytes) -> Blob:
-        import io
-
         return self.put(io.BytesIO(data), hashlib.sha256(data).hexdigest(), len(data))
 
     def put_path(self, path: str | os.PathLike) -> Blob:

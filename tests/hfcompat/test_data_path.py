@@ -430,3 +430,27 @@ def test_nginx_sends_the_file_named_by_x_accel_redirect(nginx_hub, big_base, tin
     # The internal location is not reachable from outside.
     from hub.storage import blob_key
     assert httpx.get(url + "/_blobs/" + blob_key(sha)).status_code == 404
+
+
+def test_source_path_trusts_only_the_objects_own_descriptor(tmp_path):
+    import tempfile
+
+    from django.core.files import File
+
+    from hub.storage import _source_path
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc")
+    with open(p, "rb") as f:
+        assert _source_path(f) == str(p)
+        assert _source_path(File(f, name="sha256/ab/cd/abcd")) is None  # a storage key, not a path
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"xyz")
+    with open(p, "rb") as f:
+        class Renamed:  # a wrapper whose name points elsewhere than its descriptor
+            name = str(other)
+            fileno = f.fileno
+        assert _source_path(Renamed()) is None
+    with tempfile.NamedTemporaryFile(dir=tmp_path) as t:
+        assert _source_path(t) == t.name
+    assert _source_path(__import__("io").BytesIO(b"x")) is None
