@@ -82,7 +82,9 @@ REPORT_NAME = "extract_report.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 10**9  # HF counts "2GB" in powers of ten too
-DEFAULT_CHUNK_BYTES = 16 * 2**20  # fp32 working set of one row chunk
+# fp32 working set of one row chunk: few Python steps per GB, and a few chunks
+# (not the checkpoint) are all that is ever resident.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 DEFAULT_HOLD_BYTES = 128 * 2**20  # extract() factors a diff matrix up to this size (fp32) in memory
 MAX_HEADER_BYTES = 100 * 2**20  # the cap safetensors itself enforces
 VOCAB_GROWTH_KEY = "vocab_growth"  # diff metadata: JSON {tensor: [base rows, fine-tune rows]}
@@ -259,15 +261,21 @@ class _Checkpoint:
         fh = self._handles.get(e.path)
         if fh is None:
             fh = self._handles[e.path] = open(e.path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
-        fh.seek(e.start + r0 * e.row_bytes)
+        start = e.start + r0 * e.row_bytes
+        fh.seek(start)
         view, got = memoryview(buf.numpy()), 0
         while got < nbytes:
             n = fh.readinto(view[got:])
             if not n:
                 raise CorruptFile(f"{e.path.name}: unexpected end of file in {name}", "truncated")
             got += n
+        if _FADVISE:  # the disk fetches the next piece while this one is computed and written: no RSS
+            os.posix_fadvise(fh.fileno(), start + nbytes, nbytes, os.POSIX_FADV_WILLNEED)
         shape = ((r1 - r0), *e.shape[1:]) if e.shape else ()
         return buf.view(_DTYPES[e.dtype]).reshape(shape)
+
+
+_FADVISE = hasattr(os, "posix_fadvise")
 
 
 def _row_chunks(entry_shape: tuple[int, ...], chunk_bytes: int, width_bytes: int = 4) -> list[tuple[int, int]]:

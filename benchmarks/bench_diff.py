@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
+PHASES = ("naive_extract", "extract_dense", "extract_lowrank", "naive_apply", "apply_dense", "apply_lowrank")
 
 
 def shapes(size_gb: float, itemsize: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--dir", help="work folder (default: a temporary one, deleted after)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
+                    help="which phases to run (naive_extract before apply: naive_apply reads its diff)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
@@ -183,8 +186,8 @@ def main() -> None:
         info = make_pair(d, args.size_gb, args.dtype)
         print(f"pair: {info['layers']} layers, {info['tensors']} tensors, {info['bytes'] / 2**30:.2f} GiB each "
               f"({args.dtype}), written in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs")
-        rows = [run_phase(p, d, args.rank) for p in
-                ("naive_extract", "extract_dense", "extract_lowrank", "naive_apply", "apply_dense", "apply_lowrank")]
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        rows = [run_phase(p, d, args.rank) for p in PHASES if p in args.phases]
         print(f"\n{'phase':<16} {'seconds':>8} {'read MB/s':>10} {'peak RSS MB':>12} {'(import)':>9}  notes")
         for r in rows:
             notes = {k: v for k, v in r.items()
@@ -193,12 +196,15 @@ def main() -> None:
                   f"{r['import_rss_mb']:9.0f}  {json.dumps(notes) if notes else ''}")
         by = {r["phase"]: r for r in rows}
         for ours, naive in (("extract_dense", "naive_extract"), ("apply_dense", "naive_apply")):
+            if ours not in by or naive not in by:
+                continue
             o, n = by[ours], by[naive]
             print(f"{ours} vs {naive}: time x{o['seconds'] / n['seconds']:.2f}, "
                   f"peak RSS x{o['peak_rss_mb'] / n['peak_rss_mb']:.3f} "
                   f"({o['peak_rss_mb'] - o['import_rss_mb']:.0f} MB vs "
                   f"{n['peak_rss_mb'] - n['import_rss_mb']:.0f} MB above the import baseline)")
-        print(f"total {time.perf_counter() - t0:.0f} s")
+        print(f"total {time.perf_counter() - t0:.0f} s; load average after: "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)

@@ -1,13 +1,19 @@
-"""Upload and download throughput of the hub, and the web process's peak memory.
+"""The hub's data path against the disk: upload, download, Range and
+`hf_hub_download` of one large base-model file, each beside a local file copy
+of the same bytes measured in the same run.
 
-Starts a real hub (gunicorn, SQLite, filesystem blobs) on a fresh HUB_HOME,
-registers a synthetic base, then pushes and pulls a LoRA adapter of SIZE MB
-(default 500) through the REST API with a streaming client. The anchor is a
-plain local file copy of the same bytes (the disk's own speed), measured in the
-same run. Run it at two sizes: the web process's peak RSS must not grow with
-the file size (uploads are spooled and hashed in chunks, downloads streamed).
+Starts a real hub the way `hubctl serve` runs its web process (gunicorn,
+gthread, `hub.cli.serve:embedded_app()`), on SQLite and a fresh HUB_HOME,
+with filesystem blobs or, with `--storage s3`, a SeaweedFS (`weed mini`) it
+starts itself. The HTTP client is curl, so the numbers are the server's, not
+a Python client's; `hf_hub_download` uses huggingface_hub unmodified with
+HF_ENDPOINT pointing at the hub. For each step it records the web process's
+CPU seconds per GB (gunicorn master and workers, from /proc) and how far its
+resident memory rose above where it stood before the step (peak RSS, reset
+per step through /proc/PID/clear_refs).
 
-    python benchmarks/bench_registry_io.py --size-mb 500
+    python benchmarks/bench_registry_io.py --size-mb 512 4096 --storage fs s3
+    python benchmarks/bench_registry_io.py --root /tmp/old-tree   # another checkout: a 'before' figure
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+TENSOR = 4096 * 4096  # F32 elements per tensor: 64 MiB
 
 
 def free_port() -> int:
@@ -37,155 +44,280 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], str]], fill_seed: int) -> None:
-    """Write F32 tensors of the given shapes without holding them all in memory."""
-    header, offset = {}, 0
-    for name, (shape, _) in tensors.items():
-        n = int(np.prod(shape)) * 4
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
+def write_base(folder: Path, size_mb: int) -> Path:
+    """config.json + model.safetensors of about size_mb (64 MiB F32 tensors).
+    The tensor bytes repeat one random block: content does not change I/O cost."""
+    folder.mkdir(parents=True)
+    n = max(1, round(size_mb / 64))
+    header, step = {}, TENSOR * 4
+    for i in range(n):
+        header[f"model.layers.{i}.mlp.up_proj.weight"] = {
+            "dtype": "F32", "shape": [4096, 4096], "data_offsets": [i * step, (i + 1) * step]}
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    rng = np.random.default_rng(fill_seed)
-    with open(path, "wb") as f:
+    block = np.random.default_rng(0).standard_normal(TENSOR, dtype=np.float32).tobytes()
+    with open(folder / "model.safetensors", "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
-        for shape, _ in tensors.values():
-            f.write(rng.standard_normal(int(np.prod(shape)), dtype=np.float32).tobytes())
-
-
-def build_inputs(work: Path, size_mb: int, hidden: int = 2048):
-    """A base with `layers` q/v projections of hidden x hidden, and a LoRA whose
-    rank makes the adapter about size_mb (a large rank is still a valid LoRA)."""
-    per_layer = 2 * 2 * hidden * hidden * 4  # two modules, A and B at rank = hidden
-    layers = max(1, round(size_mb * 1024**2 / per_layer))
-    base, adapter = work / "base", work / "adapter"
-    base.mkdir()
-    adapter.mkdir()
-    base_t, lora_t = {}, {}
-    for i in range(layers):
-        for m in ("q_proj", "v_proj"):
-            base_t[f"model.layers.{i}.self_attn.{m}.weight"] = ([hidden, hidden], "F32")
-            prefix = f"base_model.model.model.layers.{i}.self_attn.{m}"
-            lora_t[f"{prefix}.lora_A.weight"] = ([hidden, hidden], "F32")
-            lora_t[f"{prefix}.lora_B.weight"] = ([hidden, hidden], "F32")
-    write_safetensors(base / "model.safetensors", base_t, 0)
-    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": hidden}))
-    write_safetensors(adapter / "adapter_model.safetensors", lora_t, 1)
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": hidden, "lora_alpha": hidden, "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": "bench-base", "task_type": "CAUSAL_LM",
-    }))
-    return base, adapter
-
-
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM of a process and its children (gunicorn's workers)."""
-    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                   text=True).stdout.split()]
-    peak = 0.0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) / 1024)
-        except FileNotFoundError:
-            pass
-    return peak
-
-
-def start_hub(home: Path, port: int):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "S3_BUCKET")}
-    env.update(HUB_HOME=str(home), DJANGO_SETTINGS_MODULE="hub.settings", PYTHONPATH=str(ROOT))
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "manage.py"), *a], env=env, check=True,  # noqa: E731
-                                    capture_output=True, text=True)
-    run("migrate", "-v0")
-    token = run("hubtoken", "bench", "--create-user", "--staff").stdout.strip().splitlines()[-1]
-    proc = subprocess.Popen(
-        [str(BIN / "gunicorn"), "hub.wsgi:application", "-b", f"127.0.0.1:{port}", "-k", "gthread",
-         "--threads", "4", "--workers", "1", "--timeout", "600"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url + "/api/v1/base-models/", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    return proc, url, token
+        for _ in range(n):
+            f.write(block)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096}))
+    return folder / "model.safetensors"
 
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-def run_once(size_mb: int) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="bench-io-"))
-    try:
-        base, adapter = build_inputs(work, size_mb)
-        weights = adapter / "adapter_model.safetensors"
-        nbytes = weights.stat().st_size
-        t = time.perf_counter()
-        shutil.copyfile(weights, work / "copy.safetensors")
-        copy_s = time.perf_counter() - t
-        os.remove(work / "copy.safetensors")
+# --- the web process, seen from /proc ---------------------------------------------------------
 
-        proc, url, token = start_hub(work / "home", free_port())
+
+def tree_pids(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [int(p) for p in out]
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree_pids(pid):
         try:
-            hdr = {"Authorization": f"Bearer {token}"}
-            with open(base / "model.safetensors", "rb") as w, open(base / "config.json", "rb") as c:
-                r = httpx.post(url + "/api/v1/base-models/", headers=hdr, timeout=600,
-                               data={"slug": "bench-base"},
-                               files=[("files", ("model.safetensors", w)), ("files", ("config.json", c))])
-            r.raise_for_status()
-            rss_idle = peak_rss_mb(proc.pid)
-            t = time.perf_counter()
-            with open(weights, "rb") as w, open(adapter / "adapter_config.json", "rb") as c:
-                r = httpx.post(url + "/api/v1/adapters/", headers=hdr, timeout=600,
-                               data={"name": "bench/big", "base_model": "bench-base"},
-                               files=[("files", ("adapter_model.safetensors", w)),
-                                      ("files", ("adapter_config.json", c))])
-            up_s = time.perf_counter() - t
-            r.raise_for_status()
-            t = time.perf_counter()
-            h = hashlib.sha256()
-            with httpx.stream("GET", url + "/api/v1/adapters/bench/big/files/adapter_model.safetensors",
-                              headers=hdr, timeout=600) as resp:
-                resp.raise_for_status()
-                for chunk in resp.iter_bytes(1 << 20):
-                    h.update(chunk)
-            down_s = time.perf_counter() - t
-            assert h.hexdigest() == sha256_file(weights), "download differs from upload"
-            rss_peak = peak_rss_mb(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(10)
-        mb = nbytes / 1024**2
-        return {"size_mb": mb, "upload_mb_s": mb / up_s, "download_mb_s": mb / down_s, "copy_mb_s": mb / copy_s,
-                "web_rss_idle_mb": rss_idle, "web_rss_peak_mb": rss_peak}
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+def _status(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Meter:
+    """CPU seconds and the largest rise of any web process's RSS during one step."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __enter__(self):
+        self.pids = tree_pids(self.pid)
+        self.rss0 = {}
+        for p in self.pids:
+            Path(f"/proc/{p}/clear_refs").write_text("5")  # restart VmHWM from the current RSS
+            self.rss0[p] = _status(p, "VmRSS:")
+        self.cpu0 = cpu_seconds(self.pid)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.cpu = cpu_seconds(self.pid) - self.cpu0
+        self.rss_growth = max(_status(p, "VmHWM:") - self.rss0[p] for p in self.pids)
+        self.rss_peak = max(_status(p, "VmHWM:") for p in self.pids)
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+
+# Ports of our own for every SeaweedFS service (and each gRPC port, which
+# defaults to port + 10000): tests elsewhere may run a `weed mini` on the defaults.
+WEED_PORTS = {"master.port": 41333, "master.port.grpc": 41334, "volume.port": 41080, "volume.port.grpc": 41081,
+              "filer.port": 41888, "filer.port.grpc": 41889, "s3.port": 41833, "s3.port.grpc": 41834,
+              "admin.port": 41646, "admin.port.grpc": 41647, "webdav.port": 41733, "debug.port": 41060,
+              "s3.port.iceberg": 41181, "s3.port.lance": 41182}
+S3_ENDPOINT = f"http://127.0.0.1:{WEED_PORTS['s3.port']}"
+
+
+def start_weed(data: Path) -> subprocess.Popen:
+    import boto3
+
+    weed = shutil.which("weed") or str(BIN / "weed")
+    flags = [f"-{k}={v}" for k, v in WEED_PORTS.items()]
+    proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-bucket=bench", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT, aws_access_key_id="hub",
+                      aws_secret_access_key="hub", region_name="us-east-1")
+    for _ in range(180):
+        try:
+            s3.put_object(Bucket="bench", Key="ready", Body=b"ok")
+            return proc
+        except Exception:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    stop(proc)
+    raise SystemExit(f"SeaweedFS did not start (are ports {sorted(WEED_PORTS.values())} free?)")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def hub_env(root: Path, home: Path, storage: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "S3_BUCKET", "HF_ENDPOINT")}
+    env.update(HUB_HOME=str(home), DJANGO_SETTINGS_MODULE="hub.settings", PYTHONPATH=str(root),
+               MAX_UPLOAD_BYTES=str(64 * 1024**3))
+    if storage == "s3":
+        env.update(S3_BUCKET="bench", AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="hub",
+                   AWS_SECRET_ACCESS_KEY="hub", S3_DOWNLOAD_MODE="proxy")
+    return env
+
+
+def start_hub(root: Path, env: dict, port: int):
+    def manage(*a):
+        return subprocess.run([sys.executable, str(root / "manage.py"), *a], env=env, check=True,
+                              capture_output=True, text=True, cwd=root)
+    manage("migrate", "-v0")
+    token = manage("hubtoken", "bench", "--create-user", "--staff").stdout.strip().splitlines()[-1]
+    flags = ["--no-control-socket"] if int(__import__("gunicorn").__version__.split(".")[0]) >= 27 else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "hub.cli.serve:embedded_app()", "-b", f"127.0.0.1:{port}",
+         "--worker-class", "gthread", "--workers", "1", "--threads", "8", "--timeout", "900", *flags],
+        env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        if subprocess.run(["curl", "-sf", "-o", "/dev/null", url + "/api/v1/base-models/"]).returncode == 0:
+            return proc, url, token
+        time.sleep(0.2)
+    stop(proc)
+    raise SystemExit("the hub did not start")
+
+
+def curl(*args: str) -> None:
+    subprocess.run(["curl", "-sS", "--fail-with-body", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+HF_SCRIPT = """
+import sys, time
+from huggingface_hub import hf_hub_download
+t = time.perf_counter()
+path = hf_hub_download(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], token=sys.argv[4])
+print(time.perf_counter() - t, path)
+"""
+
+
+def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_downloads: bool = False) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-io-"))
+    weed = hub = None
+    rows = {}
+    try:
+        weights = write_base(work / "base", size_mb)
+        nbytes = weights.stat().st_size
+        mb = nbytes / 1e6
+        digest = sha256_file(weights)
+        if storage == "s3":
+            weed = start_weed(work / "weed")
+        env = hub_env(root, work / "home", storage)
+        hub, url, token = start_hub(root, env, free_port())
+        auth = f"Authorization: Bearer {token}"
+        out = work / "out.safetensors"
+
+        def step(name, fn, nb=nbytes):
+            with Meter(hub.pid) as m:
+                fn()
+            rows[name] = {"mb_s": nb / 1e6 / m.seconds, "seconds": m.seconds, "cpu_s_per_gb": m.cpu / (nb / 1e9),
+                          "rss_growth_mb": m.rss_growth, "rss_peak_mb": m.rss_peak}
+
+        t = time.perf_counter()
+        shutil.copyfile(weights, work / "copy.safetensors")  # copy_file_range/sendfile: in the kernel
+        os.remove(work / "copy.safetensors")
+        copy_s = time.perf_counter() - t
+        t = time.perf_counter()
+        with open(weights, "rb") as src, open(work / "copy.safetensors", "wb") as dst:  # through user space
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+        os.remove(work / "copy.safetensors")
+        rw_copy_s = time.perf_counter() - t
+
+        step("upload", lambda: curl("-H", auth, "-F", "slug=bench-base", "-F", f"files=@{weights}",
+                                    "-F", f"files=@{weights.parent / 'config.json'}", url + "/api/v1/base-models/"))
+        file_url = url + "/api/v1/base-models/bench-base/files/model.safetensors"
+        for i in range(downloads):
+            step("download" if downloads == 1 else f"download {i + 1}", lambda: curl("-H", auth, "-o", str(out), file_url))
+            assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
+            out.unlink()
+        if only_downloads:
+            return {"size_mb": mb, "storage": storage, "copy_mb_s": mb / copy_s, "rw_copy_mb_s": mb / rw_copy_s,
+                    "steps": rows, "load": os.getloadavg()}
+        lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
+        step("range (middle half)", lambda: curl("-H", auth, "-r", f"{lo}-{hi}", "-o", str(out), file_url),
+             nb=hi - lo + 1)
+        assert out.stat().st_size == hi - lo + 1, "range has the wrong length"
+        with open(weights, "rb") as f:
+            f.seek(lo)
+            assert hashlib.sha256(f.read(1 << 20)).digest() == hashlib.sha256(out.open("rb").read(1 << 20)).digest()
+        out.unlink()
+
+        # hubctl base add: the CLI's streamed multipart upload into the same spool (the bytes dedupe
+        # to the stored blob, so the commit is a no-op: this times the transfer, hashing and header check).
+        cli_env = {**os.environ, "HUB_URL": url, "HUB_TOKEN": token, "PYTHONPATH": str(root)}
+        step("hubctl base add", lambda: subprocess.run(
+            [sys.executable, "-c", "import sys; from hub.cli.main import main; sys.exit(main(sys.argv[1:]))",
+             "base", "add", "bench-base-cli", "--weights", str(weights.parent)],
+            env=cli_env, check=True, capture_output=True))
+
+        hf_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        hf_env.update(HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+                      HF_HUB_DISABLE_PROGRESS_BARS="1")
+        result = {}
+
+        def hf():
+            r = subprocess.run([sys.executable, "-c", HF_SCRIPT, "bench-base", "model.safetensors",
+                                str(work / "hf-cache"), token], env=hf_env, check=True, capture_output=True, text=True)
+            seconds, path = r.stdout.split()[-2:]
+            result.update(seconds=float(seconds), path=path)
+        step("hf_hub_download", hf)
+        rows["hf_hub_download"]["mb_s"] = mb / result["seconds"]  # the client's own timing, without its import
+        assert sha256_file(Path(result["path"])) == digest, "hf_hub_download differs"
+        return {"size_mb": mb, "storage": storage, "copy_mb_s": mb / copy_s, "rw_copy_mb_s": mb / rw_copy_s,
+                "steps": rows,
+                "load": os.getloadavg()}
     finally:
+        if hub is not None:
+            stop(hub)
+        if weed is not None:
+            stop(weed)
         shutil.rmtree(work, ignore_errors=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, nargs="+", default=[50, 500])
+    ap.add_argument("--size-mb", type=int, nargs="+", default=[512])
+    ap.add_argument("--storage", choices=["fs", "s3"], nargs="+", default=["fs"])
+    ap.add_argument("--root", type=Path, default=ROOT, help="the source tree to serve (default: this one)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--downloads", type=int, default=1, help="full downloads in a row (CPU per GB is noisy)")
+    ap.add_argument("--only-downloads", action="store_true", help="upload and downloads only: no Range, no HF client")
     args = ap.parse_args()
-    rows = [run_once(s) for s in args.size_mb]
-    print(f"{'adapter MB':>10} {'upload MB/s':>12} {'download MB/s':>14} {'disk copy MB/s':>15} "
-          f"{'up/copy':>8} {'down/copy':>10} {'web RSS peak MB':>16}")
-    for r in rows:
-        print(f"{r['size_mb']:10.0f} {r['upload_mb_s']:12.1f} {r['download_mb_s']:14.1f} {r['copy_mb_s']:15.1f} "
-              f"{r['upload_mb_s'] / r['copy_mb_s']:8.2f} {r['download_mb_s'] / r['copy_mb_s']:10.2f} "
-              f"{r['web_rss_peak_mb']:16.0f}")
-    if len(rows) > 1:
-        growth = rows[-1]["web_rss_peak_mb"] - rows[0]["web_rss_peak_mb"]
-        print(f"web RSS growth from {rows[0]['size_mb']:.0f} MB to {rows[-1]['size_mb']:.0f} MB: {growth:+.0f} MB "
-              f"({'flat: streamed' if growth < 0.1 * rows[-1]['size_mb'] else 'GROWS with file size'})")
+    print(f"root {args.root}  load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}  cores {os.cpu_count()}")
+    print("MB = 10^6 bytes. copy: shutil.copyfile (kernel copy); rw copy: read/write 8 MiB through user space")
+    print(f"{'storage':>7} {'MB':>6} {'step':>20} {'MB/s':>8} {'copy MB/s':>10} {'x copy':>7} {'rw copy':>8} "
+          f"{'x rw':>6} {'web CPU s/GB':>13} {'RSS +MB':>8} {'RSS peak MB':>12} {'load1':>6}")
+    results = []
+    for storage in args.storage:
+        for size in args.size_mb:
+            r = run_once(args.root, size, storage, args.downloads, args.only_downloads)
+            results.append(r)
+            for name, s in r["steps"].items():
+                print(f"{storage:>7} {r['size_mb']:6.0f} {name:>20} {s['mb_s']:8.0f} {r['copy_mb_s']:10.0f} "
+                      f"{s['mb_s'] / r['copy_mb_s']:7.2f} {r['rw_copy_mb_s']:8.0f} {s['mb_s'] / r['rw_copy_mb_s']:6.2f} "
+                      f"{s['cpu_s_per_gb']:13.2f} {s['rss_growth_mb']:8.1f} "
+                      f"{s['rss_peak_mb']:12.0f} {r['load'][0]:6.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,13 @@ AWS_REGION = env.str("AWS_REGION", default="us-east-1")
 S3_DOWNLOAD_MODE = env.str("S3_DOWNLOAD_MODE", default="proxy")
 S3_PRESIGN_SECONDS = env.int("S3_PRESIGN_SECONDS", default=300)
 BLOB_ROOT = Path(env.str("BLOB_ROOT", default=str(HUB_HOME / "blobs")))
+# Filesystem blobs behind a front server: "x-accel-redirect" (nginx, internal
+# location BLOB_ACCEL_PREFIX aliased to BLOB_ROOT) or "x-sendfile" (Apache,
+# lighttpd) lets it send the file; "" sends it from gunicorn (sendfile). docs/deploy.md
+BLOB_ACCEL = env.str("BLOB_ACCEL", default="")
+BLOB_ACCEL_PREFIX = env.str("BLOB_ACCEL_PREFIX", default="/_blobs/")
+if BLOB_ACCEL not in ("", "x-accel-redirect", "x-sendfile"):
+    raise ImproperlyConfigured(f"BLOB_ACCEL={BLOB_ACCEL!r}: use x-accel-redirect, x-sendfile or leave it empty.")
 if S3_BUCKET:
     STORAGES = {
         "default": {

@@ -13,6 +13,7 @@ left without a row by a crash.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -32,6 +33,13 @@ from hub.registry.models import Blob
 from hub.registry.validation import content_disposition
 
 CHUNK = 1024 * 1024
+# Reads from S3 and copies between files go in pieces this large: few Python
+# round trips per GB, while a response still holds only one piece in memory.
+BIG_CHUNK = 8 * 1024 * 1024
+# Uploads to S3: boto3's managed transfer, parts of this size, several in flight.
+S3_PART = 16 * 1024 * 1024
+S3_PARTS_IN_FLIGHT = 4
+UPLOAD_DIR = ".uploads"  # under the blob root: spooled uploads, renamed into place
 # Files without a row younger than this are kept: an upload writes its file
 # before its row commits, and a large one may take a while.
 GC_GRACE_SECONDS = 3600
@@ -60,6 +68,98 @@ def is_s3() -> bool:
     return bool(settings.S3_BUCKET)
 
 
+def local_path(blob: Blob) -> str | None:
+    """The blob's file on this machine (filesystem backend), else None."""
+    if is_s3():
+        return None
+    return _storage().path(blob.key)
+
+
+def upload_temp_dir() -> str | None:
+    """Where uploads are spooled. FILE_UPLOAD_TEMP_DIR when set; else, on the
+    filesystem backend, a folder inside the blob root, so that committing an
+    upload is a link on the same disk instead of a second copy of its bytes."""
+    if settings.FILE_UPLOAD_TEMP_DIR:
+        return settings.FILE_UPLOAD_TEMP_DIR
+    if is_s3():
+        return None
+    path = Path(_storage().location) / UPLOAD_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _source_path(fileobj) -> str | None:
+    """The path of a file object's bytes on disk when it is an open regular file
+    (an upload spooled by Django, a named temporary file, an open() file), else
+    None. Only the object's own descriptor counts: a name alone may be a storage
+    key, and touching `.file` of a storage's file object may download it."""
+    if hasattr(fileobj, "temporary_file_path"):
+        return fileobj.temporary_file_path()
+    name = getattr(fileobj, "name", None)
+    if not isinstance(name, str) or not os.path.isabs(name):
+        return None
+    try:
+        return name if os.path.samestat(os.fstat(fileobj.fileno()), os.stat(name)) else None
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _spooled_path(fileobj) -> str | None:
+    """The path of an upload the hub spooled itself (never a caller's own file:
+    a link to that would change with it)."""
+    if hasattr(fileobj, "temporary_file_path"):
+        return fileobj.temporary_file_path()
+    src = _source_path(fileobj)
+    spool = upload_temp_dir()
+    if src is not None and spool is not None and os.path.dirname(os.path.abspath(src)) == os.path.abspath(spool):
+        return src
+    return None
+
+
+def _link_into_store(src: str, key: str, size: int) -> bool:
+    """Commit a spooled file as blob `key` with a hard link (no byte copied);
+    False when it cannot (another disk, a size that does not match)."""
+    try:
+        if os.path.getsize(src) != size:
+            return False
+        dest = Path(_storage().path(key))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dest)  # fails if dest exists: the row lock makes that a leftover, handled by put()
+    except OSError:
+        return False
+    if settings.FILE_UPLOAD_PERMISSIONS is not None:
+        os.chmod(dest, settings.FILE_UPLOAD_PERMISSIONS)
+    return True
+
+
+def _s3_key(key: str) -> str:
+    storage = _storage()
+    return f"{storage.location.strip('/')}/{key}" if storage.location else key
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=S3_PART, multipart_chunksize=S3_PART,
+                          max_concurrency=S3_PARTS_IN_FLIGHT, use_threads=True)
+
+
+def _s3_upload(fileobj, key: str) -> None:
+    """boto3's managed transfer: a multipart upload with parts in flight in
+    parallel, each part read from the file where it lies (from a path) so
+    memory stays at a few parts."""
+    storage = _storage()
+    extra = dict(storage.get_object_parameters(key))
+    extra.setdefault("ContentType", "application/octet-stream")
+    obj = storage.bucket.Object(_s3_key(key))
+    src = _source_path(fileobj)
+    if src is not None:
+        obj.upload_file(src, ExtraArgs=extra, Config=_transfer_config())
+    else:
+        fileobj.seek(0)
+        obj.upload_fileobj(fileobj, ExtraArgs=extra, Config=_transfer_config())
+
+
 class BlobBatch:
     """Writes blobs for one logical change; undoes the new ones on failure.
 
@@ -84,19 +184,29 @@ class BlobBatch:
             return blob
         if stored:
             storage.delete(blob.key)  # a truncated leftover: save() would pick another name
-        fileobj.seek(0)
-        saved = storage.save(blob.key, File(fileobj, name=blob.key))
-        if saved != blob.key:  # only a writer outside the row lock can get here
-            storage.delete(saved)
-            raise OSError(f"blob {sha256}: another writer created {blob.key} while its row was held")
+        self._write(fileobj, blob)
         self.written.append(blob.key)
         if transaction.get_connection().in_atomic_block:
             transaction.on_commit(lambda k=blob.key: self.written.remove(k) if k in self.written else None)
         return blob
 
-    def put_bytes(self, data: bytes) -> Blob:
-        import io
+    @staticmethod
+    def _write(fileobj: BinaryIO, blob: Blob) -> None:
+        """Store the bytes under blob.key: a link to a spooled file on the same
+        disk, a managed multipart upload on S3, else a copy through the storage."""
+        if is_s3():
+            _s3_upload(fileobj, blob.key)
+            return
+        src = _spooled_path(fileobj)
+        if src is not None and _link_into_store(src, blob.key, blob.size):
+            return
+        fileobj.seek(0)
+        saved = _storage().save(blob.key, File(fileobj, name=blob.key))
+        if saved != blob.key:  # only a writer outside the row lock can get here
+            _storage().delete(saved)
+            raise OSError(f"blob {blob.sha256}: another writer created {blob.key} while its row was held")
 
+    def put_bytes(self, data: bytes) -> Blob:
         return self.put(io.BytesIO(data), hashlib.sha256(data).hexdigest(), len(data))
 
     def put_path(self, path: str | os.PathLike) -> Blob:
@@ -154,6 +264,34 @@ def open_blob(blob: Blob) -> BinaryIO:
     return _storage().open(blob.key, "rb")
 
 
+def iter_blob(blob: Blob, start: int = 0, length: int | None = None, chunk: int = BIG_CHUNK) -> Iterator[bytes]:
+    """The blob's bytes [start, start + length) in pieces of `chunk`: on S3 one
+    ranged GET streamed as it arrives (the storage's own file object would
+    first copy the whole object to a temporary file)."""
+    if length is None:
+        length = blob.size - start
+    if length <= 0:
+        return
+    if is_s3():
+        storage = _storage()
+        body = storage.bucket.meta.client.get_object(
+            Bucket=storage.bucket.name, Key=_s3_key(blob.key), Range=f"bytes={start}-{start + length - 1}")["Body"]
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()
+        return
+    with open(_storage().path(blob.key), "rb", buffering=0) as f:
+        f.seek(start)
+        left = length
+        while left > 0:
+            data = f.read(min(chunk, left))
+            if not data:
+                break
+            left -= len(data)
+            yield data
+
+
 def presigned_url(blob: Blob, filename: str | None = None) -> str | None:
     """A short-lived direct URL (S3 only), or None on the filesystem backend."""
     if not is_s3():
@@ -169,9 +307,17 @@ def copy_to_path(blob: Blob, dest: str | os.PathLike) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    with os.fdopen(fd, "wb") as out, open_blob(blob) as src:
-        shutil.copyfileobj(src, out, CHUNK)
-    os.replace(tmp, dest)
+    os.close(fd)
+    try:
+        if is_s3():  # managed transfer: ranged GETs in parallel
+            storage = _storage()
+            storage.bucket.download_file(_s3_key(blob.key), tmp, Config=_transfer_config())
+        else:  # copy_file_range / sendfile in the kernel
+            shutil.copyfile(_storage().path(blob.key), tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return dest
 
 
@@ -236,6 +382,15 @@ def collect_garbage(grace_seconds: float, dry_run: bool = False) -> list[str]:
     the placeholder row of `_delete_unless_held` spares a put that starts now."""
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
     removed = []
+    spool = None if is_s3() else Path(_storage().location) / UPLOAD_DIR
+    for path in spool.iterdir() if spool is not None and spool.is_dir() else ():
+        try:  # a spooled upload whose process died: no request holds it any more
+            if datetime.fromtimestamp(path.stat().st_mtime, tz=UTC) < cutoff:
+                if not dry_run:
+                    path.unlink()
+                removed.append(f"{UPLOAD_DIR}/{path.name}")
+        except FileNotFoundError:
+            continue
     for key, modified in _stored_files():
         sha256 = key.rsplit("/", 1)[-1]
         if key != blob_key(sha256) or modified > cutoff:

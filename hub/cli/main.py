@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import hashlib
 import json
 import os
 import platform
@@ -17,24 +16,21 @@ import shutil
 import sys
 from contextlib import ExitStack
 from datetime import UTC, date, datetime, time
-from pathlib import Path, PurePosixPath
-
-import httpx
+from pathlib import Path
 
 from hub.cli import demo, diff, ops, progress, tables, verdicts, webhook
 from hub.cli.client import (
     API,
     Client,
     CliError,
-    ServerError,
     UserError,
     adapter_path,
-    file_path,
     hub_url,
     repo_id,
     slug,
     store_token,
 )
+from hub.cli.files import TRANSFER_TIMEOUT, pull_files
 from hub.cli.output import (  # noqa: F401
     dump_json,
     fmt_metric,
@@ -51,8 +47,6 @@ from hub.cli.output import (  # noqa: F401
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 COMPEFT_FILE = "adapter_model.compeft.safetensors"  # adapters_ops.compeft.FILE_NAME
-# Uploads and downloads may take long; only connecting must be quick.
-TRANSFER_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=600.0, pool=10.0)
 
 
 # --- small helpers (output: hub/cli/output.py) ---------------------------------------------------
@@ -83,20 +77,6 @@ def parse_when(text: str) -> str:
     return moment.isoformat()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def safe_relpath(path: str) -> PurePosixPath:
-    """A file path from the server, refused if it could escape the target folder."""
-    p = PurePosixPath(path)
-    if p.is_absolute() or not p.parts or any(part in ("..", "") for part in p.parts) or "\\" in path:
-        raise ServerError(f"The hub listed an unsafe file path: {path!r}.")
-    return p
 
 
 # --- account ----------------------------------------------------------------------------------
@@ -332,65 +312,6 @@ def find_revision(c: Client, repo: str, rev: str) -> dict:
         raise UserError(f"Revision prefix '{rev}' is ambiguous for {repo}; give more characters.")
     known = ", ".join(sorted(refs)) or "none"
     raise UserError(f"Revision '{rev}' does not exist for {repo} (refs: {known}).")
-
-
-def download_file(c: Client, repo: str, sha: str, entry: dict, dest: Path, bar: progress.TransferBar) -> str:
-    """Download one file of a revision to dest, resuming a partial `.incomplete`
-    with a Range request and checking the sha256 against the listing and the ETag."""
-    rel = safe_relpath(entry["path"])
-    final = dest.joinpath(*rel.parts)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    expected, size = entry["sha256"], int(entry["size"])
-    if final.is_file() and final.stat().st_size == size and sha256_file(final) == expected:
-        bar.advance(size)
-        return "present"
-    part = final.with_name(final.name + ".incomplete")
-    url = f"{adapter_path(repo)}/files/{file_path(entry['path'])}"
-    for _attempt in range(2):
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        h = hashlib.sha256()
-        if have:
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-        etag = ""
-        if have < size:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            with c.stream("GET", url, params={"revision": sha}, headers=headers, timeout=TRANSFER_TIMEOUT) as r:
-                etag = r.headers.get("etag", "").removeprefix("W/").strip('"')
-                if r.status_code == 416:  # the partial file is not a prefix any more: start over
-                    part.unlink(missing_ok=True)
-                    continue
-                if r.status_code != 206 and have:  # the server sent the whole file
-                    h, have = hashlib.sha256(), 0
-                bar.advance(have)
-                with open(part, "ab" if have else "wb") as f:
-                    for chunk in r.iter_bytes(1 << 20):
-                        f.write(chunk)
-                        h.update(chunk)
-                        bar.advance(len(chunk))
-        else:
-            bar.advance(have)
-        digest = h.hexdigest()
-        if etag and etag != expected:
-            raise ServerError(f"{entry['path']}: the hub's ETag {etag[:12]} differs from the listed sha256 {expected[:12]}.")
-        if digest == expected:
-            os.replace(part, final)
-            return "downloaded"
-        part.unlink(missing_ok=True)  # a damaged partial: one more try from zero
-        bar.advance(-size)
-    raise ServerError(f"{entry['path']}: sha256 mismatch after download (expected {expected[:12]}).")
-
-
-def pull_files(c: Client, repo: str, rev: dict, dest: Path) -> list[str]:
-    dest.mkdir(parents=True, exist_ok=True)
-    files = rev.get("files") or []
-    total = sum(int(f["size"]) for f in files)
-    with progress.TransferBar(total, f"pull {repo}@{rev['sha'][:8]}") as bar:
-        return [download_file(c, repo, rev["sha"], f, dest, bar) for f in files]
 
 
 def cmd_pull(args) -> int:

@@ -1,4 +1,4 @@
-"""Hugging Face Hub-compatible routes (see views.py and docs/hf-compat.md).
+"""Hugging Face Hub-compatible routes (see the views package and docs/hf-compat.md).
 
 A repo id is `owner/name` (an adapter) or a single segment (a base model
 slug). Clients quote revisions (`refs%2Fpr%2F1`); the server decodes them

@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from hub.hfcompat import card, views
+from hub.hfcompat import card
+from hub.hfcompat.views import listings
 from hub.registry.models import Adapter, Blob, Revision
 
 from .conftest import upload_adapter
@@ -220,7 +221,7 @@ def test_tree_listing_flat_recursive_and_subfolder(nested, client):
 
 
 def test_tree_pages_with_link_header(nested, client, monkeypatch):
-    monkeypatch.setattr(views, "TREE_PAGE_SIZE", 3)
+    monkeypatch.setattr(listings, "TREE_PAGE_SIZE", 3)
     url = "/api/models/alice/nested/tree/main?recursive=true"
     seen = []
     pages = 0

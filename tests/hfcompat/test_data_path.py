@@ -1,0 +1,456 @@
+"""The zero-copy data path (hub/api/downloads.py, hub/storage.py, hub/registry/uploads.py).
+
+Through a real gunicorn started the way `hubctl serve` starts it, on this
+test's database and blobs: full downloads and ranges leave through the WSGI
+file_wrapper and `sendfile(2)` (a gunicorn config hook records each sendfile
+call: the one piece of instrumentation, since a socket cannot tell how its
+bytes were written), with Range, ETag, 304, 416 and the private-adapter 404s
+answered on that path. Then the parts one by one: the slice object for
+servers that iterate, the upload spool committed by a hard link, S3's
+multipart upload and ranged proxy, the front-server modes, and the spool's
+garbage collection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.hfcompat.conftest import upload_adapter
+from tests.live_workers import database_url
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Loaded by gunicorn with --config: after fork, wrap Response.sendfile so each
+# call appends {"count": bytes, "used": bool} to SENDFILE_LOG.
+GUNICORN_CONF = """
+import json, os
+from gunicorn.http import wsgi
+
+def post_fork(server, worker):
+    original = wsgi.Response.sendfile
+    def sendfile(self, respiter):
+        used = original(self, respiter)
+        with open(os.environ["SENDFILE_LOG"], "a") as f:
+            f.write(json.dumps({"used": bool(used), "count": self.response_length}) + "\\n")
+        return used
+    wsgi.Response.sendfile = sendfile
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn_hub(transactional_db, settings, tmp_path):
+    """(url, sendfile_calls()) of a gunicorn serving this test's data."""
+    yield from _gunicorn(settings, tmp_path, {})
+
+
+def _gunicorn(settings, tmp_path, extra_env: dict):
+    from django.db import connection
+
+    from hub.cli.serve import gunicorn_extra_flags
+
+    conf = tmp_path / "gunicorn_conf.py"
+    conf.write_text(GUNICORN_CONF)
+    log = tmp_path / "sendfile.jsonl"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("S3_BUCKET", "BLOB_ACCEL")}
+    env.update(DJANGO_SETTINGS_MODULE="hub.settings", HUB_HOME=str(settings.HUB_HOME),
+               BLOB_ROOT=str(settings.BLOB_ROOT), DATABASE_URL=database_url(connection.settings_dict),
+               PYTHONPATH=str(ROOT), SENDFILE_LOG=str(log), **extra_env)
+    out = open(tmp_path / "gunicorn.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "hub.cli.serve:embedded_app()", "--bind", f"127.0.0.1:{port}",
+         "--worker-class", "gthread", "--workers", "1", "--threads", "4", "--config", str(conf),
+         *gunicorn_extra_flags()],
+        env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(url + "/api/v1/base-models/", timeout=2)
+            break
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail((tmp_path / "gunicorn.log").read_text()[-3000:])
+            time.sleep(0.2)
+
+    def calls(at_least: int = 0) -> list[dict]:
+        """The sendfile calls so far; waits a little for `at_least` of them (the
+        worker logs a call after the client already has the bytes)."""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = log.read_text().splitlines() if log.exists() else []
+            if len(lines) >= at_least or time.monotonic() > deadline:
+                return [json.loads(line) for line in lines]
+            time.sleep(0.05)
+
+    yield url, calls
+    os.killpg(proc.pid, 9)
+    proc.wait(10)
+    out.close()
+
+
+@pytest.fixture
+def big_base(transactional_db, staff_user, tmp_path):
+    """A base whose model.safetensors is 3 MiB of varied bytes: large enough
+    that an iterating server and sendfile would differ in how they send it."""
+    from hub.registry.services import IncomingFile, base_model_register
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    n = 3 * 1024 * 1024 // 4
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    header += b" " * (-len(header) % 8)
+    data = len(header).to_bytes(8, "little") + header + bytes(range(256)) * (n * 4 // 256)
+    (folder / "model.safetensors").write_bytes(data)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    files = [IncomingFile(p.name, open(p, "rb")) for p in sorted(folder.iterdir())]
+    try:
+        base = base_model_register(slug="big-base", files=files, user=staff_user)
+    finally:
+        for f in files:
+            f.fileobj.close()
+    return base, data
+
+
+def test_downloads_go_through_sendfile_with_range_etag_304_416(gunicorn_hub, big_base):
+    url, calls = gunicorn_hub
+    _, data = big_base
+    sha = hashlib.sha256(data).hexdigest()
+    for route in ("/api/v1/base-models/big-base/files/model.safetensors", "/big-base/resolve/main/model.safetensors"):
+        before = len(calls())
+        r = httpx.get(url + route)
+        assert r.status_code == 200 and r.content == data
+        assert r.headers["etag"] == f'"{sha}"' and r.headers["content-length"] == str(len(data))
+        r = httpx.get(url + route, headers={"Range": "bytes=1000-1999999"})
+        assert r.status_code == 206 and r.content == data[1000:2000000]
+        assert r.headers["content-range"] == f"bytes 1000-1999999/{len(data)}"
+        r = httpx.get(url + route, headers={"Range": "bytes=-100"})
+        assert r.status_code == 206 and r.content == data[-100:]
+        sent = calls(before + 3)[before:]
+        assert [c["count"] for c in sent] == [len(data), 1999000, 100]
+        assert all(c["used"] for c in sent), sent  # the kernel sent the bytes, not a Python loop
+
+        assert httpx.get(url + route, headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+        r = httpx.get(url + route, headers={"If-None-Match": f'"{sha}"'})
+        assert r.status_code == 304 and r.content == b""
+        r = httpx.head(url + route)
+        assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == str(len(data))
+        time.sleep(0.3)
+        assert len(calls()) == before + 3  # 416, 304 and HEAD send no file
+
+
+def test_private_adapter_is_404_on_the_zero_copy_path(gunicorn_hub, tiny_base, user, other_user, token_for, peft_dir):
+    url, calls = gunicorn_hub
+    upload_adapter(owner="alice", name="secret", base=tiny_base, adapter_dir=peft_dir, user=user,
+                   visibility="private")
+    weights = (peft_dir / "adapter_model.safetensors").read_bytes()
+    routes = ("/api/v1/adapters/alice/secret/files/adapter_model.safetensors",
+              "/alice/secret/resolve/main/adapter_model.safetensors")
+    for route in routes:
+        for token in (None, token_for(other_user)):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            for extra in ({}, {"Range": "bytes=0-9"}):
+                r = httpx.get(url + route, headers={**headers, **extra})
+                assert r.status_code == 404, (route, token, extra)
+                assert weights[:64] not in r.content
+    assert calls() == []
+    owner = {"Authorization": f"Bearer {token_for(user)}"}
+    for route in routes:
+        r = httpx.get(url + route, headers={**owner, "Range": "bytes=8-"})
+        assert r.status_code == 206 and r.content == weights[8:]
+    assert [c["used"] for c in calls(2)] == [True, True]
+
+
+def test_upload_through_gunicorn_is_hashed_and_linked(gunicorn_hub, staff_user, token_for, big_base, settings,
+                                                      tmp_path):
+    from hub.registry.models import BaseModel
+    from hub.storage import blob_key
+
+    url, _ = gunicorn_hub
+    _, data = big_base
+    data2 = data[:-4] + b"\x01\x02\x03\x04"  # other bytes, same header: a new blob
+    (tmp_path / "w.safetensors").write_bytes(data2)
+    with open(tmp_path / "w.safetensors", "rb") as w:
+        r = httpx.post(url + "/api/v1/base-models/", headers={"Authorization": f"Bearer {token_for(staff_user)}"},
+                       data={"slug": "up-base"}, files=[("files", ("model.safetensors", w)),
+                                                        ("files", ("config.json", b"{}"))], timeout=60)
+    assert r.status_code == 201, r.text
+    sha = hashlib.sha256(data2).hexdigest()
+    f = BaseModel.objects.get(slug="up-base").files.get(path="model.safetensors")
+    assert f.blob.sha256 == sha and f.blob.size == len(data2)
+    stored = Path(settings.BLOB_ROOT) / blob_key(sha)
+    assert stored.read_bytes() == data2
+    assert list((Path(settings.BLOB_ROOT) / ".uploads").iterdir()) == []  # the spool is gone with the request
+
+
+# --- the parts, without a server ------------------------------------------------------------------
+
+
+def test_file_slice_stops_at_the_end_of_its_range(tmp_path):
+    from hub.api.downloads import FileSlice
+
+    p = tmp_path / "f"
+    p.write_bytes(bytes(range(256)) * 10)
+    s = FileSlice(str(p), 300, 1000)
+    got = b"".join(iter(lambda: s.read(333), b""))
+    assert got == p.read_bytes()[300:1300]
+    assert os.lseek(FileSlice(str(p), 77, 5).fileno(), 0, os.SEEK_CUR) == 77  # where sendfile starts
+    s.close()
+
+
+def test_file_response_is_used_and_iterating_it_respects_the_range(big_base, rf):
+    from django.http import FileResponse
+
+    from hub.api.downloads import FileSlice, blob_response
+
+    base, data = big_base
+    blob = base.files.get(path="model.safetensors").blob
+    r = blob_response(rf.get("/x", HTTP_RANGE="bytes=5-1048580"), blob, "model.safetensors")
+    # What Django's WSGI handler hands to the server's file_wrapper:
+    assert isinstance(r, FileResponse) and isinstance(r.file_to_stream, FileSlice)
+    assert r.status_code == 206 and r["Content-Length"] == str(1048576)
+    assert b"".join(r.streaming_content) == data[5:1048581]  # a server that iterates stops at the range's end
+    r.close()
+
+
+def test_spooled_upload_is_committed_by_a_hard_link(transactional_db, settings):
+    from django.db import transaction
+
+    from hub.registry.uploads import SpooledUpload
+    from hub.storage import blob_batch, upload_temp_dir
+
+    spool = SpooledUpload("model.safetensors", "application/octet-stream", 0, None)
+    payload = os.urandom(300_000)
+    spool.write(payload)
+    spool.seek(0)
+    assert os.path.dirname(spool.temporary_file_path()) == upload_temp_dir()
+    with blob_batch() as batch, transaction.atomic():
+        blob = batch.put(spool, hashlib.sha256(payload).hexdigest(), len(payload))
+    stored = Path(settings.BLOB_ROOT) / blob.key
+    assert os.stat(stored).st_ino == os.stat(spool.temporary_file_path()).st_ino  # linked, not copied
+    spool.close()
+    assert stored.read_bytes() == payload
+
+
+def test_a_callers_own_file_is_copied_not_linked(transactional_db, settings, tmp_path):
+    from django.db import transaction
+
+    from hub.storage import blob_batch
+
+    src = tmp_path / "mine.bin"
+    src.write_bytes(b"mine" * 1000)
+    with blob_batch() as batch, transaction.atomic(), open(src, "rb") as f:
+        blob = batch.put(f)
+    assert os.stat(Path(settings.BLOB_ROOT) / blob.key).st_ino != os.stat(src).st_ino
+    src.write_bytes(b"changed")  # the caller's later edits never reach the store
+    assert (Path(settings.BLOB_ROOT) / blob.key).read_bytes() == b"mine" * 1000
+
+
+def test_background_hash_matches_hashlib():
+    from hub.registry.uploads import BackgroundHash
+
+    pieces = [os.urandom(n) for n in (1, 5000, 1 << 20, 3)]
+    h = BackgroundHash()
+    for p in pieces:
+        h.update(p)
+    assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def test_stale_spool_files_are_collected(transactional_db, settings):
+    from hub.storage import UPLOAD_DIR, collect_garbage, upload_temp_dir
+
+    old = Path(upload_temp_dir()) / "tmp-old.upload"
+    young = Path(upload_temp_dir()) / "tmp-young.upload"
+    old.write_bytes(b"x")
+    young.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert collect_garbage(3600, dry_run=True) == [f"{UPLOAD_DIR}/tmp-old.upload"] and old.exists()
+    assert collect_garbage(3600) == [f"{UPLOAD_DIR}/tmp-old.upload"]
+    assert not old.exists() and young.exists()
+
+
+@pytest.mark.parametrize("mode", ["x-accel-redirect", "x-sendfile"])
+def test_front_server_modes_name_the_file_and_leave_the_bytes(mode, client_for, big_base, settings):
+    from hub.storage import blob_key
+
+    settings.BLOB_ACCEL = mode
+    settings.BLOB_ACCEL_PREFIX = "/_blobs/"
+    _, data = big_base
+    sha = hashlib.sha256(data).hexdigest()
+    c = client_for(None)
+    r = c.get("/big-base/resolve/main/model.safetensors", HTTP_RANGE="bytes=0-9")
+    assert r.status_code == 200 and r.content == b""  # the front server sends the bytes and the range
+    header = "X-Accel-Redirect" if mode == "x-accel-redirect" else "X-Sendfile"
+    expected = f"/_blobs/{blob_key(sha)}" if mode == "x-accel-redirect" else str(Path(settings.BLOB_ROOT) / blob_key(sha))
+    assert r[header] == expected
+    assert r["ETag"] == f'"{sha}"' and r["X-Repo-Commit"] and r["X-Linked-Size"] == str(len(data))
+    assert c.get("/big-base/resolve/main/model.safetensors", HTTP_IF_NONE_MATCH=f'"{sha}"').status_code == 304
+    assert c.get("/big-base/resolve/main/model.safetensors", HTTP_RANGE=f"bytes={len(data)}-").status_code == 416
+    head = c.head("/big-base/resolve/main/model.safetensors")
+    assert head.status_code == 200 and header not in head and head["Content-Length"] == str(len(data))
+
+
+def test_s3_multipart_upload_and_ranged_proxy(s3_storage, transactional_db, client_for, settings):
+    from django.db import transaction
+
+    from hub.registry.uploads import SpooledUpload
+    from hub.storage import S3_PART, blob_batch, copy_to_path, iter_blob
+
+    settings.S3_DOWNLOAD_MODE = "proxy"
+    payload = os.urandom(2 * S3_PART + 12345)  # three parts
+    spool = SpooledUpload("w.bin", "application/octet-stream", 0, None)
+    spool.write(payload)
+    spool.seek(0)
+    with blob_batch() as batch, transaction.atomic():
+        blob = batch.put(spool, hashlib.sha256(payload).hexdigest(), len(payload))
+    spool.close()
+    head = s3_storage["client"].head_object(Bucket=s3_storage["bucket"], Key=blob.key)
+    assert head["ContentLength"] == len(payload)
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of three parts
+    assert b"".join(iter_blob(blob, S3_PART - 10, 20 + S3_PART)) == payload[S3_PART - 10:2 * S3_PART + 10]
+    assert b"".join(iter_blob(blob, 0, 0)) == b""
+    assert copy_to_path(blob, settings.HUB_HOME / "copy.bin").read_bytes() == payload
+    (settings.HUB_HOME / "copy.bin").unlink()
+
+
+NGINX_CONF = """
+{user}
+daemon off;
+worker_processes 1;
+pid {home}/nginx.pid;
+error_log {home}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {home}/body;
+    proxy_temp_path {home}/proxy;
+    fastcgi_temp_path {home}/fastcgi;
+    uwsgi_temp_path {home}/uwsgi;
+    scgi_temp_path {home}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /_blobs/ {{
+            internal;
+            alias {blobs}/;
+            etag off;
+            add_header ETag $upstream_http_etag;
+            add_header X-Repo-Commit $upstream_http_x_repo_commit;
+            add_header X-Linked-Etag $upstream_http_x_linked_etag;
+            add_header X-Linked-Size $upstream_http_x_linked_size;
+            add_header X-Revision $upstream_http_x_revision;
+        }}
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_request_buffering off;
+            client_max_body_size 0;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx_hub(transactional_db, settings, tmp_path):
+    """nginx (the docs/deploy.md configuration) in front of a gunicorn with
+    BLOB_ACCEL=x-accel-redirect; skipped where no nginx is installed."""
+    import shutil
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("no nginx binary (apt-get install nginx-light)")
+    gen = _gunicorn(settings, tmp_path, {"BLOB_ACCEL": "x-accel-redirect", "BLOB_ACCEL_PREFIX": "/_blobs/"})
+    upstream, calls = next(gen)
+    home = tmp_path / "nginx"
+    home.mkdir()
+    port = _free_port()
+    # Started as root, nginx's workers would drop to `nobody`, who cannot enter the test's 0700 HUB_HOME.
+    user = "user root;" if os.geteuid() == 0 else ""
+    (home / "nginx.conf").write_text(NGINX_CONF.format(user=user, home=home, port=port, blobs=settings.BLOB_ROOT,
+                                                       upstream=upstream.removeprefix("http://")))
+    proc = subprocess.Popen([nginx, "-p", str(home), "-c", str(home / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(url + "/api/v1/base-models/", timeout=2)
+            break
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail((home / "error.log").read_text()[-2000:] if (home / "error.log").exists() else "nginx")
+            time.sleep(0.1)
+    yield url, calls
+    os.killpg(proc.pid, 9)
+    proc.wait(10)
+    next(gen, None)
+
+
+def test_nginx_sends_the_file_named_by_x_accel_redirect(nginx_hub, big_base, tiny_base, user, token_for, peft_dir):
+    url, calls = nginx_hub
+    _, data = big_base
+    sha = hashlib.sha256(data).hexdigest()
+    route = "/big-base/resolve/main/model.safetensors"
+    r = httpx.get(url + route)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["etag"] == f'"{sha}"' and r.headers["x-repo-commit"] and "x-accel-redirect" not in r.headers
+    r = httpx.get(url + route, headers={"Range": "bytes=100-1999"})
+    assert r.status_code == 206 and r.content == data[100:2000]  # nginx answered the range from the file
+    assert r.headers["content-range"] == f"bytes 100-1999/{len(data)}"
+    assert httpx.get(url + route, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    assert httpx.get(url + route, headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+    head = httpx.head(url + route)
+    assert head.status_code == 200 and head.headers["x-linked-size"] == str(len(data))
+    upload_adapter(owner="alice", name="secret", base=tiny_base, adapter_dir=peft_dir, user=user,
+                   visibility="private")
+    private = "/alice/secret/resolve/main/adapter_model.safetensors"
+    assert httpx.get(url + private).status_code == 404
+    owner = {"Authorization": f"Bearer {token_for(user)}"}
+    r = httpx.get(url + private, headers=owner)
+    assert r.status_code == 200 and r.content == (peft_dir / "adapter_model.safetensors").read_bytes()
+    assert calls() == []  # gunicorn sent no file: nginx did
+    # The internal location is not reachable from outside.
+    from hub.storage import blob_key
+    assert httpx.get(url + "/_blobs/" + blob_key(sha)).status_code == 404
+
+
+def test_source_path_trusts_only_the_objects_own_descriptor(tmp_path):
+    import tempfile
+
+    from django.core.files import File
+
+    from hub.storage import _source_path
+
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abc")
+    with open(p, "rb") as f:
+        assert _source_path(f) == str(p)
+        assert _source_path(File(f, name="sha256/ab/cd/abcd")) is None  # a storage key, not a path
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"xyz")
+    with open(p, "rb") as f:
+        class Renamed:  # a wrapper whose name points elsewhere than its descriptor
+            name = str(other)
+            fileno = f.fileno
+        assert _source_path(Renamed()) is None
+    with tempfile.NamedTemporaryFile(dir=tmp_path) as t:
+        assert _source_path(t) == t.name
+    assert _source_path(__import__("io").BytesIO(b"x")) is None
