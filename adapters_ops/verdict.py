@@ -15,14 +15,20 @@ Policy (the tolerances are module constants, documented in docs/jobs.md):
 - passed:    ratio >= PASS_RATIO;
 - degraded:  ratio >= DEGRADED_RATIO and the result still beats the bare base;
 - failed:    otherwise;
-- unverified: no seeds, too few to hold out for an op that chose or trained on
-  them, or a source that does not beat the bare base on them (nothing to keep).
+- unverified: no seeds, no fair examples at all, or a source that does not
+  beat the bare base on them (nothing to keep).
 
 Examples: an op that chooses or trains on seeds (compress's scale search,
 merge's weight search and distillation, Trans-LoRA, QA-LoRA recovery) gets
 `choose` and the verdict scores the disjoint `held_out` part; the split is
 deterministic (by a hash of each example), so a rerun uses the same halves.
-An op that chooses nothing on the seeds is judged on all of them.
+An op that chooses nothing on the seeds is judged on all of them. With too few
+seeds to hold any out (fewer than 2 x MIN_HELD_OUT), the verdict scores
+`SYNTHETIC_N` synthetic task inputs written from the seeds and labelled by the
+source adapter (Trans-LoRA's generate/filter/label stages, with a seed of its
+own, `SYNTHETIC_SEED`, and no prompt that is a seed's): `before` is then the
+source on its own answers (1.0 up to decoding), and `after` how many of them the
+result reproduces.
 
 Pure logic on scores, plus `assess`, which scores through adapters_ops.evaluate.
 """
@@ -37,7 +43,9 @@ from dataclasses import dataclass, field
 PASS_RATIO = 0.9  # keeps at least 90 % of the source's accuracy
 DEGRADED_RATIO = 0.5  # keeps at least half, and still beats the bare base
 HOLD_OUT_FRACTION = 0.5  # share of the seeds kept away from an op that chooses on them
-MIN_HELD_OUT = 4  # fewer seeds than 2 x this: no held-out verdict for choosing ops
+MIN_HELD_OUT = 4  # fewer seeds than 2 x this: no held-out half for choosing ops (synthetic inputs instead)
+SYNTHETIC_N = 32  # synthetic inputs for a verdict with too few seeds
+SYNTHETIC_SEED = 7919  # not the ops' own generation seed (0 by default), so not their training inputs
 
 # `auto` candidates, cheapest first (docs/jobs.md): compress density (file size grows with it)
 # and quantize bits
@@ -150,17 +158,46 @@ def _accuracy(result) -> float:
     return float(getattr(result, "accuracy", result))
 
 
+def synthetic_examples(base_dir, adapter, seeds: Sequence[dict], n: int = SYNTHETIC_N) -> list[dict]:
+    """Task inputs written from the seeds by the base, answered by base + `adapter`, none of them
+    a seed's prompt (adapters_ops.translora.teacher_examples, seeded with SYNTHETIC_SEED)."""
+    from .translora import teacher_examples  # needs transformers; imported when used
+
+    rows, _ = teacher_examples(base_dir, adapter, list(seeds), n=n, seed=SYNTHETIC_SEED)
+    taken = {s["prompt"] for s in seeds}
+    return [r for r in rows if r["prompt"] not in taken]
+
+
+def _synthetic_plan(plan: ExamplePlan, source: tuple, synthesize: Callable | None) -> ExamplePlan | str:
+    """The plan with synthetic verdict examples, or why there are none."""
+    from .errors import AdapterError
+
+    try:
+        rows = (synthesize or synthetic_examples)(source[0], source[1], plan.choose)
+    except AdapterError as exc:
+        return f"too few seeds to hold any out, and no synthetic inputs could be made: {exc}"
+    if not rows:
+        return "too few seeds to hold any out, and no synthetic input survived"
+    return ExamplePlan(choose=plan.choose, verdict=list(rows), used="synthetic_labelled_by_source",
+                       total=plan.total)
+
+
 def assess(plan: ExamplePlan, *, source: tuple, derived: tuple, bare: tuple | None = None,
-           evaluate_fn: Scorer | None = None) -> dict:
+           evaluate_fn: Scorer | None = None, synthesize: Callable | None = None) -> dict:
     """Score (base_dir, adapter-or-None) pairs on the plan's verdict examples and judge.
 
     `evaluate_fn(base_dir, examples, adapter)` returns an accuracy (or an object
-    with `.accuracy`); by default adapters_ops.evaluate.evaluate."""
+    with `.accuracy`); by default adapters_ops.evaluate.evaluate. A plan with
+    seeds but no fair ones (too few to hold out) is judged on synthetic inputs
+    labelled by the source: `synthesize(base_dir, adapter, seeds) -> examples`,
+    by default `synthetic_examples`."""
     if not plan.verdict:
-        reason = ("the adapter has no seed examples" if plan.total == 0 else
-                  f"only {plan.total} seed examples: too few to hold out {MIN_HELD_OUT} from an op that chose or "
-                  "trained on them")
-        return unverified(reason, describe(plan))
+        if plan.total == 0:
+            return unverified("the adapter has no seed examples", describe(plan))
+        made = _synthetic_plan(plan, source, synthesize)
+        if isinstance(made, str):
+            return unverified(made, describe(plan))
+        plan = made
     if evaluate_fn is None:
         from .evaluate import evaluate as evaluate_fn  # needs transformers; imported when used
 
@@ -179,7 +216,8 @@ def summary(v: dict | None) -> str:
     if v.get("ratio") is None:
         return f"{status} ({v.get('reason', 'not scored')})"
     ex = v.get("examples") or {}
-    where = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds"}.get(ex.get("source"), "seeds")
+    where = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds",
+             "synthetic_labelled_by_source": "synthetic inputs"}.get(ex.get("source"), "seeds")
     n = f" on {ex['n']} {where}" if ex.get("n") else ""
     return f"{status} (accuracy {v['before']:.2f} -> {v['after']:.2f}, {v['ratio']:.0%}{n})"
 

@@ -90,7 +90,8 @@ def nav_class(context, prefix):
 # --- quality verdicts and metrics (docs/jobs.md) ------------------------------------------------
 
 DERIVED_KINDS = ("compeft", "merge", "transfer", "translora", "qalora")
-VERDICT_EXAMPLES = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds"}
+VERDICT_EXAMPLES = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds",
+                    "synthetic_labelled_by_source": "synthetic inputs labelled by the source, from"}
 
 
 def revision_verdict(rev) -> dict | None:

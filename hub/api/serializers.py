@@ -70,7 +70,8 @@ class VerdictSerializer(serializers.Serializer):
     reason = serializers.CharField(read_only=True)
     examples = serializers.DictField(read_only=True, help_text=(
         "which examples were scored: source (held_out_seeds: seeds the op did not choose or train on; all_seeds: "
-        "the op chose nothing on them; none), n, of (seeds in all), indices (lines of the seed file)"))
+        "the op chose nothing on them; synthetic_labelled_by_source: too few seeds to hold out, synthetic inputs "
+        "answered by the source adapter instead; none), n, of (seeds in all), indices (lines of the seed file)"))
     tolerances = serializers.DictField(read_only=True, help_text="pass_ratio and degraded_ratio of the policy")
     skills = serializers.DictField(read_only=True, child=serializers.DictField(),
                                    help_text="a merge: one verdict per input skill; the status is the worst")

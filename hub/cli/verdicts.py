@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from hub.cli.client import UserError
 
-EXAMPLES = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds", "none": "no examples"}
+EXAMPLES = {"held_out_seeds": "held-out seeds", "all_seeds": "seeds", "none": "no examples",
+            "synthetic_labelled_by_source": "synthetic inputs labelled by the source, from seeds"}
 
 
 def _num(value) -> str:

@@ -57,3 +57,10 @@ def test_compress_that_fails_its_gate_shows_a_failed_verdict(page, celery_procs,
     node = page.locator(f"#lineage .node[data-sha='{rev.sha}'] .n-verdict")
     assert node.get_attribute("data-verdict") == "failed" and node.text_content().startswith("failed")
     screenshot(page, "adapter-verdict", full=True)
+
+    # the jobs list and the job's own page
+    page.goto("/jobs/")
+    assert page.locator("article.job [data-testid=verdict]").first.get_attribute("data-verdict") == "failed"
+    page.goto(f"/jobs/{rev.job_id}/")
+    assert page.locator("[data-testid=verdict-panel] [data-testid=verdict]").get_attribute("data-verdict") == "failed"
+    assert page.locator("table.metrics-table tr[data-metric=density] td").inner_text() == "0.1"

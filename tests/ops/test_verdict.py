@@ -53,15 +53,32 @@ def test_split_is_disjoint_deterministic_and_order_free():
     assert c.used == "all_seeds" and c.verdict == seeds == c.choose
 
 
-def test_too_few_seeds_to_hold_out_and_no_seeds_are_unverified():
+def test_too_few_seeds_are_judged_on_synthetic_inputs_and_no_seeds_is_unverified():
     few = verdict.plan_examples(_seeds(2 * verdict.MIN_HELD_OUT - 1), selects=True)
     assert few.verdict == [] and len(few.choose) == 2 * verdict.MIN_HELD_OUT - 1
+    made = [{"prompt": f"s{i}=", "completion": f"t{i}"} for i in range(5)]
+    calls = []
+
+    def synthesize(base_dir, adapter, seeds):
+        calls.append((base_dir, adapter, seeds))
+        return made
+
+    def fake(base_dir, examples, adapter):
+        assert examples == made  # only the synthetic inputs are scored
+        return {"src": 1.0, "out": 0.6, None: 0.0}[adapter]
+
+    v = verdict.assess(few, source=("b", "src"), derived=("b", "out"), bare=("b", None), evaluate_fn=fake,
+                       synthesize=synthesize)
+    assert calls == [("b", "src", few.choose)]  # written from the seeds, labelled by the source
+    assert v["status"] == "degraded" and v["examples"]["source"] == "synthetic_labelled_by_source"
+    assert v["examples"]["n"] == 5 and v["examples"]["of"] == 7
 
     def boom(*a):
         raise AssertionError("nothing may be scored")
 
-    v = verdict.assess(few, source=("b", None), derived=("b", None), evaluate_fn=boom)
-    assert v["status"] == "unverified" and "too few" in v["reason"] and v["examples"]["n"] == 0
+    v = verdict.assess(few, source=("b", "src"), derived=("b", "out"), evaluate_fn=boom,
+                       synthesize=lambda *a: [])
+    assert v["status"] == "unverified" and "no synthetic input" in v["reason"] and v["examples"]["n"] == 0
     v = verdict.assess(verdict.plan_examples(None, selects=True), source=("b", None), derived=("b", None),
                        evaluate_fn=boom)
     assert v["status"] == "unverified" and "no seed examples" in v["reason"]
@@ -110,3 +127,10 @@ def test_assess_on_the_tiny_zoo(zoo_dir):
     assert same["status"] == "passed" and same["ratio"] == 1.0 and same["before"] > same["base"]
     gone = verdict.assess(plan, source=(base, expert), derived=(base, None), bare=(base, None))
     assert gone["status"] == "failed" and gone["after"] == gone["base"]
+    # four seeds: too few to hold out, judged on synthetic inputs the source answered (none a seed)
+    few = verdict.plan_examples(seeds[:4], selects=True)
+    v = verdict.assess(few, source=(base, expert), derived=(base, expert), bare=(base, None))
+    assert v["examples"]["source"] == "synthetic_labelled_by_source" and v["examples"]["n"] >= verdict.MIN_HELD_OUT
+    assert v["status"] == "passed" and v["before"] == 1.0
+    rows = verdict.synthetic_examples(base, expert, seeds[:4])
+    assert not {r["prompt"] for r in rows} & {s["prompt"] for s in seeds[:4]}

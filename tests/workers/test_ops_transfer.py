@@ -98,7 +98,10 @@ def test_translora_job_moves_an_adapter_to_another_width(celery_procs, user, sta
     done = wait_jobs([job.id], timeout=300)[str(job.id)]
     assert done.status == "succeeded", done.error
     moved = AdapterRow.objects.get(owner="alice", name="src-tiny-wide")
-    rev = revision_resolve(moved, "main")
+    # 6 seeds, 10 steps: the verdict (on synthetic inputs) may fail, and then `main` is not moved
+    rev = done.result_revision
+    assert rev.adapter == moved and rev.verdict["examples"]["source"] == "synthetic_labelled_by_source"
+    assert revision_resolve(moved, "translora" if rev.verdict["status"] == "failed" else "main") == rev
     assert rev.kind == "translora" and rev.base_model.slug == "tiny-wide"
     assert rev.metrics["method"] == "translora" and rev.metrics["compatible"] is False
     assert {"target_base", "target_with_transferred", "source_with_adapter"} <= set(rev.metrics)
@@ -124,7 +127,6 @@ def test_translora_job_resumes_after_a_worker_dies_in_distillation(celery_procs,
     from hub.registry.jobs import job_create
     from hub.registry.models import Adapter as AdapterRow
     from hub.registry.models import Job
-    from hub.registry.selectors import revision_resolve
     from tests.live_workers import wait_until
     from tests.workers.test_ops_tensor import _upload
 
@@ -145,7 +147,8 @@ def test_translora_job_resumes_after_a_worker_dies_in_distillation(celery_procs,
     done = wait_jobs([job.id], timeout=400)[str(job.id)]
     assert done.status == "succeeded", done.error
     assert done.attempts == 2 and done.worker.startswith("rescuer@")
-    rev = revision_resolve(AdapterRow.objects.get(owner="alice", name="caesar-tiny-other-1.0"), "main")
+    rev = done.result_revision  # under `main`, or `translora` if its verdict failed
+    assert rev.adapter == AdapterRow.objects.get(owner="alice", name="caesar-tiny-other-1.0")
     report = rev.metrics["translora"]
     assert {"generate", "filter", "label"} <= set(report["resumed"]), report["resumed"]
     assert report["stale"] == []
