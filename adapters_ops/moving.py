@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import transfer as diff
 from . import verdict
-from .adapter import Adapter
+from .adapter import Adapter, AdapterLike, as_adapter
 from .errors import AdapterError, IncompatibleAdapters
 
 METHODS = ("auto", "diff", "translora")
@@ -43,14 +43,15 @@ def _report(progress: Progress, fraction: float, message: str) -> None:
         progress(fraction, message)
 
 
-def move(lora: Adapter, *, source_manifest: dict, target_manifest: dict, target_slug: str,
+def move(adapter: AdapterLike, *, source_manifest: dict, target_manifest: dict, target_slug: str,
          source_dir: Callable[[], Path], target_dir: Callable[[], Path], method: str = "auto",
          seeds: Sequence[dict] | None = None, finetune_steps: int = 0, scale: float = 1.0, seed: int = 0,
          translora_config: dict | None = None, checkpoint=None, progress: Progress = None) -> Moved:
-    """`lora` (on the source base) as an adapter of the target base, with the
+    """`adapter` (on the source base) as an adapter of the target base, with the
     gate's metrics and the verdict. IncompatibleAdapters when `method` is diff
     and the bases do not line up; AdapterError (no_seeds) when Trans-LoRA is
     needed and there are no seeds."""
+    lora = as_adapter(adapter)
     if method not in METHODS:
         raise AdapterError(f"method must be one of {', '.join(METHODS)}, got {method!r}", "invalid_parameter")
     compat = diff.check_compatible(source_manifest, target_manifest, lora)

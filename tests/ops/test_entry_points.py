@@ -7,11 +7,11 @@ import inspect
 
 import pytest
 
-from adapters_ops import compeft, compose, evaluate, merge, qalora, scale, transfer, translora
+from adapters_ops import compeft, compose, evaluate, merge, moving, qalora, scale, transfer, translora
 from adapters_ops.adapter import Adapter, as_adapter
 from adapters_ops.errors import AdapterError
 
-MODULES = [compeft, compose, evaluate, merge, qalora, scale, transfer, translora]
+MODULES = [compeft, compose, evaluate, merge, moving, qalora, scale, transfer, translora]
 ACCEPTED = ("AdapterLike", "Adapter | str | os.PathLike")
 
 
