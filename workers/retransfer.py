@@ -15,8 +15,9 @@ import logging
 from django.db.models import Q
 from django.utils import timezone
 
+from hub.registry import plans
 from hub.registry.jobs import job_create
-from hub.registry.models import Adapter, BaseModel, Job, Revision
+from hub.registry.models import Adapter, BaseModel, Job
 from workers import knob
 from workers.app import app
 
@@ -48,8 +49,7 @@ def sweep(now=None) -> dict:
         jobs = _transfer_jobs(base)
         busy = {j.adapter_id for j in jobs if j.status in ("queued", "running", "succeeded")}
         active = sum(1 for j in jobs if j.status in ("queued", "running"))
-        moved = set(Revision.objects.filter(base_model=base.successor, parents__adapter__base_model=base)
-                    .exclude(verdict__status="failed").values_list("parents__adapter_id", flat=True))
+        moved = set(plans.moves(base))
         rejected = {j.adapter_id for j in jobs if j.status == "succeeded" and j.adapter_id not in moved
                     and (getattr(j.result_revision, "verdict", None) or {}).get("status") == "failed"}
         counts = {"enqueued": 0, "skipped": 0, "waiting": 0, "rejected": 0}

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from django.db.models import Q
+
+from adapters_ops import opspecs
 from hub.registry.models import Adapter, BaseModel, Job, Revision
 
-TRANSFER_KINDS = ("transfer", "translora")
+# The kinds a transfer makes (its declaration): a revision of one of them on the successor is a move.
+TRANSFER_KINDS = opspecs.OPS["transfer"].produces
 
 
 @dataclass
@@ -42,6 +46,32 @@ class PlanRow:
 
 def _verdict_failed(rev: Revision | None) -> bool:
     return rev is not None and (rev.verdict or {}).get("status") == "failed"
+
+
+def moves(base: BaseModel, adapter_ids=None, user=None) -> dict[int, Revision]:
+    """The one rule for "already moved to the successor": adapter id -> the first
+    transfer or Trans-LoRA revision on `base`'s successor made from it (its
+    parent, or a revision of the adapter itself) that did not fail its verdict.
+    Used by the plan, the scheduled sweep and the HF card's `new_version`; with
+    `user`, only moves whose result that user may see."""
+    if base.successor_id is None:
+        return {}
+    derived = (
+        Revision.objects.filter(base_model_id=base.successor_id, kind__in=TRANSFER_KINDS)
+        .exclude(verdict__status="failed")  # a result that failed its verdict is not a move
+        .prefetch_related("parents").order_by("created_at", "id")
+    )
+    if user is not None:
+        derived = derived.filter(adapter__in=Adapter.objects.visible_to(user))
+    if adapter_ids is not None:
+        ids = set(adapter_ids)
+        derived = derived.filter(Q(parents__adapter_id__in=ids) | Q(adapter_id__in=ids)).distinct()
+    done: dict[int, Revision] = {}
+    for rev in derived:
+        for a in {p.adapter_id for p in rev.parents.all()} | {rev.adapter_id}:
+            if adapter_ids is None or a in ids:
+                done.setdefault(a, rev)
+    return done
 
 
 def target_weights(manifest: dict, modules: list[str]) -> list[str]:
@@ -83,21 +113,7 @@ def retransfer_plan(user, base: BaseModel) -> list[PlanRow]:
                 .select_related("result_revision").order_by("-created_at")):
         if (job.params or {}).get("target") == successor.slug:
             jobs.setdefault(job.adapter_id, []).append(job)
-    done: dict[int, Revision] = {}
-    derived = (
-        Revision.objects.filter(base_model=successor, kind__in=TRANSFER_KINDS)
-        .exclude(verdict__status="failed")  # a result that failed its verdict is not a move
-        .prefetch_related("parents")
-        .select_related("adapter")
-        .order_by("created_at")
-    )
-    visible_ids = set(Adapter.objects.visible_to(user).values_list("id", flat=True))
-    for rev in derived:
-        if rev.adapter_id not in visible_ids:
-            continue
-        sources = {p.adapter_id for p in rev.parents.all()} | {rev.adapter_id}
-        for a in sources & set(ids):
-            done.setdefault(a, rev)
+    done = moves(base, ids, user=user)  # where the result is visible to the user
     rows = []
     for a in adapters:
         method, reason = planned_method(a, base, successor)
