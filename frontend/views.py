@@ -1,8 +1,8 @@
 """Server-rendered pages of the hub (Django templates + htmx).
 
-Every adapter a page shows comes from `Adapter.objects.visible_to(user)`
-(directly or through hub.registry.selectors); every job from
-`Job.objects.visible_to(user)`. Writes go through the registry's services.
+Every adapter, job and webhook a page shows comes from `visible(request)`
+(frontend/visible.py), directly or through hub.registry.selectors, which
+restrict by the same rule. Writes go through the registry's services.
 No torch here: the web process only reads headers and rows.
 """
 
@@ -24,12 +24,13 @@ from hub import demo_status
 from hub.registry import jobs as job_services
 from hub.registry import plans, selectors, services
 from hub.registry import webhooks as webhook_services
-from hub.registry.models import Adapter, ApiToken, BaseModel, Job, Tag
+from hub.registry.models import ApiToken, BaseModel, Job, Tag
 from hub.registry.querysets import owner_names
 from hub.registry.selectors import NotFound
 from hub.registry.validation import ValidationError
 
 from . import forms, graph, job_forms
+from .visible import visible as see
 
 PAGE_SIZE = 24
 FILE_FIELDS = {"files", services.ADAPTER_CONFIG, services.ADAPTER_WEIGHTS}
@@ -68,7 +69,7 @@ def favicon(request):
 def home(request):
     """The adapters list: search, filters (base model, tag, kind) and sort."""
     form = forms.BrowseForm(request.GET or None)
-    visible = Adapter.objects.visible_to(request.user)
+    visible = see(request).adapters
     f = form.cleaned_data if form.is_bound and form.is_valid() else {}
     qs = selectors.adapter_search(request.user, q=f.get("q", ""), base_model=f.get("base_model", ""),
                                   tag=f.get("tag", ""), kind=f.get("kind", ""), sort=f.get("sort") or "updated")
@@ -91,7 +92,7 @@ def _demo_notice() -> dict | None:
 
 @require_GET
 def base_models(request):
-    visible = Adapter.objects.visible_to(request.user)
+    visible = see(request).adapters
     counts = dict(visible.values_list("base_model").annotate(n=Count("id")).values_list("base_model", "n"))
     bases = list(BaseModel.objects.select_related("successor").order_by("slug"))
     for b in bases:
@@ -104,7 +105,7 @@ def base_models(request):
 
 def _base_context(request, base, deprecate_form=None):
     adapters = (
-        Adapter.objects.visible_to(request.user).filter(base_model=base).prefetch_related("tags").order_by("owner", "name")
+        see(request).adapters.filter(base_model=base).prefetch_related("tags").order_by("owner", "name")
     )
     plan = plans.retransfer_plan(request.user, base)
     return {
@@ -113,7 +114,7 @@ def _base_context(request, base, deprecate_form=None):
         "n_weights": len(base.manifest or {}),
         "deprecate_form": deprecate_form or (forms.DeprecateForm(base=base) if request.user.is_staff else None),
         "predecessors": base.predecessors.order_by("slug"),
-        "writable": set(Adapter.objects.writable_by(request.user).filter(base_model=base).values_list("id", flat=True)),
+        "writable": set(see(request).writable_adapters.filter(base_model=base).values_list("id", flat=True)),
         "can_transfer": _op_enabled("transfer"),
     }
 
@@ -177,7 +178,7 @@ def _adapter_context(request, adapter, bound_form=None):
     revisions = list(adapter.revisions.select_related("base_model", "job").prefetch_related("refs", "parents__adapter"))
     parent_adapters = {p.adapter_id for r in revisions for p in r.parents.all()}
     # parents in adapters the user may not see are left out, as in the lineage graph
-    seen = set(Adapter.objects.visible_to(request.user).filter(pk__in=parent_adapters).values_list("id", flat=True))
+    seen = set(see(request).adapters.filter(pk__in=parent_adapters).values_list("id", flat=True))
     for r in revisions:
         r.accuracy = graph.accuracy_of(r.metrics)
         r.visible_parents = [p for p in r.parents.all() if p.adapter_id in seen]
@@ -189,10 +190,7 @@ def _adapter_context(request, adapter, bound_form=None):
             panels = [dict(p, form=bound_form) if p["op"] == bound_form.op else p for p in panels]
     recent_jobs = []
     if request.user.is_authenticated:
-        recent_jobs = list(
-            Job.objects.visible_to(request.user).filter(adapter=adapter)
-            .select_related("adapter", "result_revision__adapter")[:5]
-        )
+        recent_jobs = list(see(request).jobs.filter(adapter=adapter)[:5])
     endpoint = request.build_absolute_uri("/").rstrip("/")
     return {
         "adapter": adapter, "rev": rev, "files": files, "revisions": revisions,
@@ -321,12 +319,12 @@ def _incoming(uploaded) -> services.IncomingFile:
 # --- jobs ------------------------------------------------------------------------------------------------------
 
 
-def _job_get(user, pk) -> Job:
+def _job_get(request, pk) -> Job:
     try:
         pk = uuid.UUID(str(pk))
     except ValueError:
         raise Http404 from None
-    job = Job.objects.visible_to(user).select_related("adapter", "result_revision__adapter").filter(pk=pk).first()
+    job = see(request).jobs.filter(pk=pk).first()
     if job is None:
         raise Http404
     return job
@@ -347,7 +345,7 @@ def _job_response(request, job):
 @require_GET
 def jobs_page(request):
     status = request.GET.get("status", "")
-    qs = Job.objects.visible_to(request.user).select_related("adapter", "result_revision__adapter")
+    qs = see(request).jobs
     if status in {s for s, _ in Job.STATUS}:
         qs = qs.filter(status=status)
     page = Paginator(qs, 25).get_page(request.GET.get("page"))
@@ -358,7 +356,7 @@ def jobs_page(request):
 @require_GET
 def job_detail(request, pk):
     try:
-        job = _job_get(request.user, pk)
+        job = _job_get(request, pk)
     except Http404:
         return not_found(request)
     return _job_response(request, job)
@@ -368,7 +366,7 @@ def job_detail(request, pk):
 @require_POST
 def job_cancel(request, pk):
     try:
-        job = _job_get(request.user, pk)
+        job = _job_get(request, pk)
     except Http404:
         return not_found(request)
     try:
@@ -376,7 +374,7 @@ def job_cancel(request, pk):
     except job_services.JobFinished:
         job.refresh_from_db()
     if is_htmx(request):
-        return _job_response(request, _job_get(request.user, job.pk))
+        return _job_response(request, _job_get(request, job.pk))
     return redirect("frontend:jobs")
 
 
@@ -424,7 +422,7 @@ def webhooks_page(request):
             request.session["new_webhook_secret"] = [hook.pk, hook.secret]
             return redirect("frontend:webhooks")
     new_secret = request.session.pop("new_webhook_secret", None)
-    hooks = list(webhook_services.webhooks_visible_to(request.user))
+    hooks = list(see(request).webhooks)
     for hook in hooks:  # the latest five each; payloads stay in the database
         hook.recent = list(hook.deliveries.defer("payload")[:5])
     response = render(request, "frontend/webhooks.html", {
@@ -439,7 +437,7 @@ def webhooks_page(request):
 @require_POST
 def webhook_action(request, pk, action):
     # Only webhooks of namespaces the user writes: any other id is a 404.
-    hook = webhook_services.webhooks_visible_to(request.user).filter(pk=pk).first()
+    hook = see(request).webhooks.filter(pk=pk).first()
     if hook is None:
         raise Http404
     if action == "delete":

@@ -100,3 +100,22 @@ def test_no_job_can_start_on_a_hidden_adapter(request, world, web, who):
     if r.status_code == 302:
         assert r["Location"].startswith("/login/")
     assert not Job.objects.exists()
+
+
+def test_pages_read_rows_only_through_the_one_restriction():
+    """The structural guard beside the behavioural tests above: the views reach adapters, jobs
+    and webhooks only through frontend.visible (or the registry's selectors and services),
+    so a new page cannot forget to restrict them."""
+    import ast
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[2] / "frontend" / "views.py"
+    unrestricted = []
+    for node in ast.walk(ast.parse(source.read_text())):
+        # Adapter.objects..., Job.objects..., Revision.objects..., Webhook.objects..., or any visible_to(...) call
+        if isinstance(node, ast.Attribute) and node.attr == "objects" and isinstance(node.value, ast.Name) \
+                and node.value.id in ("Adapter", "Job", "Revision", "Webhook", "WebhookDelivery"):
+            unrestricted.append(f"line {node.lineno}: {node.value.id}.objects")
+        if isinstance(node, ast.Attribute) and node.attr in ("visible_to", "writable_by", "webhooks_visible_to"):
+            unrestricted.append(f"line {node.lineno}: .{node.attr}")
+    assert unrestricted == []
