@@ -246,7 +246,7 @@ def test_push_errors_are_one_line(pushed, hubctl, tokens, adapter_dir, tmp_path)
 @live
 def test_duplicate_push_refused_by_the_server_too(pushed, hubctl, tokens, adapter_dir, monkeypatch):
     # Skip the client's pre-check: the server's 409 maps to the same one-line error.
-    monkeypatch.setattr("hub.cli.main.exists", lambda c, path: False)
+    monkeypatch.setattr("hub.cli.adapters.exists", lambda c, path: False)
     r = hubctl("push", adapter_dir, "--base", "tiny-base", "--name", "alice/skill", token=tokens["alice"])
     assert_clean_failure(r, 1, "alice/skill already exists")
 

@@ -177,10 +177,10 @@ def test_refusals_and_server_errors(fake, hubctl, monkeypatch):
     assert hubctl("compress", "alice/a", token="hub_nope").code == 1
 
     # A 400 prints the server's detail (exit 1); a 500 is a server error (exit 2).
-    monkeypatch.setattr(cli, "cmd_op", lambda args: cli.submit("bogus", {"adapter": args.adapter}, False))
+    monkeypatch.setattr(cli.jobs, "cmd_op", lambda args: cli.jobs.submit("bogus", {"adapter": args.adapter}, False))
     r = hubctl("compress", "alice/a", token="hub_ok")
     assert (r.code, r.err.strip()) == (1, "hubctl: error: Unknown op 'bogus'; known ops: compress.")
-    monkeypatch.setattr(cli, "cmd_op", lambda args: cli.submit("explode", {"adapter": args.adapter}, False))
+    monkeypatch.setattr(cli.jobs, "cmd_op", lambda args: cli.jobs.submit("explode", {"adapter": args.adapter}, False))
     r = hubctl("compress", "alice/a", token="hub_ok")
     assert (r.code, r.err.strip()) == (2, "hubctl: error: The hub failed (500): A server error occurred.")
 
@@ -229,6 +229,6 @@ def test_transfer_needs_an_adapter_for_name(fake, hubctl):
     (None, "", ""),
 ])
 def test_transfer_metrics_before_after(metrics, before, after):
-    from hub.cli.main import split_metrics
+    from hub.cli.jobs import split_metrics
 
     assert split_metrics(metrics) == (before, after)

@@ -80,7 +80,7 @@ def test_op_flags_follow_the_declaration_types():
     assert ops.params_of(args, args.op) == {"adapter": "alice/a", "density": 0.2, "tune_scale": False,
                                             "magnitude_bits": 2}
     args = parser.parse_args(["transfer", "--from", "a", "--to", "b"])  # its own command
-    assert args.func is cli.cmd_transfer
+    assert args.func is cli.jobs.cmd_transfer
     for bad in (["compress", "alice/a", "--density", "2"], ["quantize", "alice/a", "--bits", "5"],
                 ["merge", "a/b", "a/c", "--name", "a/m", "--rank", "0"]):
         with pytest.raises(SystemExit) as info:

@@ -338,7 +338,7 @@ def test_hubctl_merge_rank_flags(monkeypatch):
     from hub.cli import main as cli
 
     sent = []
-    monkeypatch.setattr(cli, "submit", lambda op, params, wait, require_pass=False: sent.append((op, params)) or 0)
+    monkeypatch.setattr(cli.jobs, "submit", lambda op, params, wait, require_pass=False: sent.append((op, params)) or 0)
     base = ["merge", "alice/a", "alice/b", "--method", "ties", "--name", "alice/m"]
     for extra, want in [(["--rank", "auto", "--energy", "0.95", "--max-rank", "16"],
                          {"rank": "auto", "energy": 0.95, "max_rank": 16}),
