@@ -315,14 +315,30 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build the tiny model family into DIR (skipped when up to date)")
     b.add_argument("dir")
     b.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
-    b.add_argument("--recipe", default="full", choices=sorted(RECIPES))
-    sub.add_parser("path", help="print the cached zoo folder, building it first if needed")
+    b.add_argument("--recipe", default=None, help="full | tiny (lane tiny), real | real-tiny (lane real)")
+    b.add_argument("--lane", default="tiny", choices=("tiny", "real"),
+                   help="tiny: the from-scratch family; real: SmolLM2-135M-Instruct (adapters_ops.zoo_real)")
+    pa = sub.add_parser("path", help="print the cached zoo folder, building it first if needed")
+    pa.add_argument("--lane", default="tiny", choices=("tiny", "real"))
+    pa.add_argument("--no-build", action="store_true", help="only print where the cached build is (or will be)")
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "build":
-            build(args.dir, force=args.force, recipe=args.recipe)
+        if args.cmd == "build" and args.lane == "real":
+            from . import zoo_real
+
+            zoo_real.build(args.dir, force=args.force, recipe=args.recipe or "real")
+        elif args.cmd == "build":
+            build(args.dir, force=args.force, recipe=args.recipe or "full")
+        elif args.lane == "real":
+            from . import zoo_real
+
+            where = zoo_real.default_dir()
+            if not args.no_build:
+                zoo_real.build(where, log=lambda m: print(f"zoo real: {m}", file=sys.stderr, flush=True))
+            print(where)
         else:
-            print(ensure_built(log=lambda m: print(f"zoo: {m}", file=sys.stderr, flush=True)))
+            print(default_root() / RECIPES["full"].digest() if args.no_build
+                  else ensure_built(log=lambda m: print(f"zoo: {m}", file=sys.stderr, flush=True)))
     except AdapterError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 1
