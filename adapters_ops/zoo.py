@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build the tiny model family into DIR (skipped when up to date)")
     b.add_argument("dir")
     b.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
-    b.add_argument("--recipe", default=None, help="full | tiny (lane tiny), real | real-tiny (lane real)")
+    b.add_argument("--recipe", default=None, choices=(*sorted(RECIPES), "real", "real-tiny"),
+                   help="full | tiny (lane tiny, default full), real | real-tiny (lane real, default real)")
     b.add_argument("--lane", default="tiny", choices=("tiny", "real"),
                    help="tiny: the from-scratch family; real: SmolLM2-135M-Instruct (adapters_ops.zoo_real)")
     pa = sub.add_parser("path", help="print the cached zoo folder, building it first if needed")

@@ -130,6 +130,6 @@ def test_real_recipe_hash_and_lane_cli(tmp_path, capsys):
     (tmp_path / zoo.STAMP).write_text(zoo_real.REAL_TINY.digest() + "\n")
     assert zoo.main(["build", str(tmp_path), "--lane", "real", "--recipe", "real-tiny"]) == 0
     assert "skipped" in capsys.readouterr().out
-    assert zoo.main(["build", str(tmp_path), "--lane", "real", "--recipe", "nope"]) == 1
+    assert zoo.main(["build", str(tmp_path), "--lane", "real", "--recipe", "tiny"]) == 1  # the other lane's recipe
     assert "unknown real-lane recipe" in capsys.readouterr().err
     shutil.rmtree(tmp_path)
