@@ -89,6 +89,9 @@ class Recipe:
     lora_steps: int = 500
     lora_batch: int = 16
     lora_lr: float = 1e-2
+    # Under MKL's strict mode (the thread-independent sums) caesar at 1e-2 diverged to 0.01 exact
+    # match while the others kept their scores; at 5e-3 it reaches 1.00.
+    lora_lr_by_skill: tuple[tuple[str, float], ...] = (("caesar", 5e-3),)
     lora_seed: int = 7
 
     def digest(self) -> str:
@@ -215,7 +218,7 @@ def _build_into(out: Path, recipe: Recipe, log=_log) -> dict:
                                       recipe.lora_seed)
             seqs, masks = T.sft_examples(splits["train"])
             loss = T.train(peft_model, seqs, masks, steps=recipe.lora_steps, batch_size=recipe.lora_batch,
-                           lr=recipe.lora_lr, seed=recipe.lora_seed)
+                           lr=dict(recipe.lora_lr_by_skill).get(name, recipe.lora_lr), seed=recipe.lora_seed)
             adir = out / "adapters" / name
             peft_model.save_pretrained(str(adir))
             conf = json.loads((adir / "adapter_config.json").read_text())

@@ -133,3 +133,17 @@ def test_real_recipe_hash_and_lane_cli(tmp_path, capsys):
     assert zoo.main(["build", str(tmp_path), "--lane", "real", "--recipe", "tiny"]) == 1  # the other lane's recipe
     assert "unknown real-lane recipe" in capsys.readouterr().err
     shutil.rmtree(tmp_path)
+
+
+def test_serve_finds_the_cached_lane_through_a_subprocess(monkeypatch, tmp_path):
+    """`hubctl serve --demo real` asks a subprocess where the lane lives (the web process
+    never imports torch); the answer follows $ADAPTER_HUB_CACHE and the recipe hash."""
+    import os
+    from pathlib import Path
+
+    from hub.cli.demo_real import real_lane_dir
+
+    monkeypatch.setenv("ADAPTER_HUB_CACHE", str(tmp_path))
+    root = Path(__file__).resolve().parents[2]
+    where = real_lane_dir(dict(os.environ), root)
+    assert where == tmp_path / "zoo-real" / zoo_real.REAL.digest() and not where.exists()
