@@ -5,24 +5,64 @@ seeded init and batch order, fixed thread count, deterministic algorithms."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from ._zoo_data import BOS_ID, EOS_ID, PAD_ID, encode
+from .errors import AdapterError
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# Why builds differed with the thread count: MKL splits the reduction dimension of a GEMM
+# across threads when it is long, and the weight gradients (grad_out^T @ input, summed over
+# every token of the batch) are such GEMMs; forward passes matched bit for bit, gradients
+# did not (1 vs 2 threads, by ~1e-9), and training amplified that. MKL's conditional numerical
+# reproducibility in strict mode fixes the summation order whatever the thread count. It can
+# only be chosen before MKL's first call, so it is asked for when this module is imported.
+_MKL_CBWR_AUTO, _MKL_CBWR_STRICT, _MKL_CBWR_ALL = 2, 0x10000, -1
+
+
+def _mkl():
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        mkl = ctypes.CDLL(str(lib))
+        mkl.mkl_serv_cbwr_get, mkl.mkl_serv_cbwr_set  # noqa: B018 - both symbols or none
+        return mkl
+    except (OSError, AttributeError):
+        return None  # not a Linux MKL build of torch
+
+
+def _ask_strict_mkl() -> None:
+    if torch.backends.mkl.is_available() and (mkl := _mkl()) is not None:
+        mkl.mkl_serv_cbwr_set(_MKL_CBWR_AUTO | _MKL_CBWR_STRICT)  # refused once MKL is initialised
+
+
+_ask_strict_mkl()
+
+
+def blas_reproducibility() -> str:
+    """'mkl-strict' (GEMMs independent of the thread count), 'mkl-off' (MKL was initialised
+    before this module was imported) or 'no-mkl' (another BLAS: builds use one thread)."""
+    mkl = _mkl() if torch.backends.mkl.is_available() else None
+    if mkl is None:
+        return "no-mkl"
+    return "mkl-strict" if mkl.mkl_serv_cbwr_get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT else "mkl-off"
 
 
 def default_threads() -> int:
     """min(2, cores), or 1 on a machine already busier than its cores (or $ZOO_THREADS).
 
     OpenMP workers spin while they wait: with other jobs on both cores, 2 threads
-    trained 10x slower than 1 here. The thread count does not change the bytes
-    (a test checks 1 vs 2), so this choice cannot break determinism.
+    trained 10x slower than 1 here. Under MKL's strict mode the thread count does not
+    change the bytes (tests build with 1 and 2 threads and compare), so the choice by
+    load cannot break determinism.
     """
     if os.environ.get("ZOO_THREADS"):
         return max(1, int(os.environ["ZOO_THREADS"]))
@@ -37,10 +77,21 @@ def default_threads() -> int:
 
 @contextlib.contextmanager
 def deterministic(threads: int | None = None) -> Iterator[None]:
-    """Fixed thread count + deterministic algorithms for the block, restored after."""
+    """Fixed thread count + deterministic algorithms for the block, restored after.
+
+    Raises AdapterError when MKL runs without strict reproducibility (it was initialised
+    before this module was imported): the bytes would then depend on the thread count.
+    Without MKL the block runs on one thread, the only count whose sums are known fixed.
+    """
+    mode = blas_reproducibility()
+    if mode == "mkl-off":
+        raise AdapterError(
+            "MKL was initialised before adapters_ops._zoo_train was imported, without strict "
+            "reproducibility, so the weights would depend on the thread count; set "
+            "MKL_CBWR=AUTO,STRICT or import adapters_ops._zoo_train first", "nondeterministic_blas")
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads or default_threads())
+    torch.set_num_threads(1 if mode == "no-mkl" else threads or default_threads())
     torch.use_deterministic_algorithms(True)
     try:
         yield

@@ -137,16 +137,22 @@ def _completion_ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def sft_batch(tok, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `<s> prompt completion </s>` ids, attention mask and labels;
-    labels only on the completion and its EOS (the prompt is context). The one
-    definition of a completion target: scoring here and every trainer use it."""
+def sft_sequences(tok, examples: Sequence[dict]) -> tuple[list[list[int]], list[list[bool]]]:
+    """`<s> prompt completion </s>` ids and a mask that is True on the completion and its EOS
+    (the prompt is context). The one definition of a completion target: scoring here and
+    every trainer (the zoo's real lane included) use it."""
     seqs, masks = [], []
     for ex in examples:
         p = tok(ex["prompt"])["input_ids"]  # with <s> where the tokenizer adds one
         c = _completion_ids(tok, ex["completion"])
         seqs.append(p + c)
         masks.append([False] * len(p) + [True] * len(c))
+    return seqs, masks
+
+
+def sft_batch(tok, examples: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sft_sequences` right-padded: ids, attention mask and labels (-100 off the completion)."""
+    seqs, masks = sft_sequences(tok, examples)
     width = max(map(len, seqs))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -196,8 +202,10 @@ def greedy_completions(model, tok, prompts: Sequence[str], max_new_tokens: int, 
 
 
 def evaluate_model(model, tok, examples: Sequence[dict], *, batch_size: int = 64,
-                   max_new_tokens: int | None = None) -> EvalResult:
-    """Score an already-loaded model (so one model can serve several task sets)."""
+                   max_new_tokens: int | None = None, with_loss: bool = True) -> EvalResult:
+    """Score an already-loaded model (so one model can serve several task sets). `with_loss=False`
+    skips the teacher-forced pass (loss is then nan): on a 135M model that pass costs as much
+    as the decoding."""
     examples = read_examples(examples)
     if batch_size < 1:
         raise AdapterError("batch_size must be >= 1", "invalid_parameter")
@@ -206,7 +214,7 @@ def evaluate_model(model, tok, examples: Sequence[dict], *, batch_size: int = 64
         max_new_tokens = max(len(_completion_ids(tok, ex["completion"])) for ex in examples)
     preds = greedy_completions(model, tok, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
     hits = sum(p == ex["completion"] for p, ex in zip(preds, examples, strict=True))
-    loss = completion_loss(model, tok, examples, batch_size)
+    loss = completion_loss(model, tok, examples, batch_size) if with_loss else math.nan
     return EvalResult(accuracy=hits / len(examples), loss=loss, n=len(examples), predictions=tuple(preds))
 
 

@@ -97,6 +97,8 @@ def build_parser(op_specs: list[dict] | None = None) -> Parser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--no-demo", action="store_true", help="do not build and register the demo zoo")
+    s.add_argument("--demo", choices=("tiny", "real"), default="tiny",
+                   help="real: also the SmolLM2-135M lane (bases 1.0 and 1.1, four LoRAs; built once, ~45 min)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="Celery worker concurrency (0: start no worker and no beat)")
     s.add_argument("--web-workers", type=int, default=2, metavar="N", help="gunicorn processes (8 threads each)")

@@ -525,6 +525,10 @@ def serve(args) -> int:
         # The demo comes after the hub answers: its first zoo build takes a couple of minutes.
         if not args.no_demo and not sup.stop_requested.is_set():
             seed_demo(home, env, sup)
+            if getattr(args, "demo", "tiny") == "real" and not sup.stop_requested.is_set():
+                from hub.cli.demo_real import seed_real_demo
+
+                seed_real_demo(home, env, sup, say, PROJECT_ROOT)
             connections.close_all()
         while not sup.stop_requested.wait(0.5):
             pass

@@ -106,8 +106,12 @@ def tiny_recipe():
                                lora_steps=2)
 
 
-def test_build_is_byte_identical_and_skips_when_stamped(tmp_path, tiny_recipe, capsys):
+def test_build_is_byte_identical_and_skips_when_stamped(tmp_path, tiny_recipe, capsys, monkeypatch):
+    # Under 1 and 2 threads: the machine's load picks the count, the bytes must not follow it
+    # (they did: MKL split the weight gradients' long GEMM reductions across threads).
+    monkeypatch.setenv("ZOO_THREADS", "1")
     a = zoo.build(tmp_path / "a", recipe=tiny_recipe)
+    monkeypatch.setenv("ZOO_THREADS", "2")
     b = zoo.build(tmp_path / "b", recipe=tiny_recipe)
     ha, hb = _hashes(a), _hashes(b)
     assert ha == hb
@@ -254,15 +258,38 @@ def test_adapters_are_peft_format_on_3_0(zoo_dir, man):
 
 
 def test_thread_count_does_not_change_the_weights():
-    """The build picks 1 or 2 threads by machine load; the bytes must not depend on it."""
+    """Weight gradients are GEMMs that sum over every token of a batch; with a batch this long
+    MKL split that sum across 2 threads (gradients off by ~1e-9) until its strict
+    reproducibility mode was set; a 3-step training must give the same bytes on 1 and 2 threads."""
     from adapters_ops import _zoo_train as T
+
+    assert T.blas_reproducibility() in ("mkl-strict", "no-mkl")
 
     def run(threads):
         with T.deterministic(threads):
             m = T.new_model(T.llama_config(len(D.VOCAB), 128, 256, 1, 4, 4), seed=0)
-            seqs, masks = T.lm_examples(D.corpus({"copy": 1.0}, 64, seed=1, lexicon_seed=1))
-            T.train(m, seqs, masks, steps=3, batch_size=8, lr=1e-3, seed=0)
+            seqs, masks = T.lm_examples(D.corpus({"copy": 1.0, "prose": 1.0}, 256, seed=1, lexicon_seed=1))
+            T.train(m, seqs, masks, steps=3, batch_size=64, lr=1e-3, seed=0)
         return m.state_dict()
 
     one, two = run(1), run(2)
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_build_refuses_mkl_without_strict_reproducibility():
+    """A process whose MKL started before adapters_ops._zoo_train was imported cannot switch
+    modes: the build says so instead of writing thread-dependent bytes."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.ones(64, 64) @ torch.ones(64, 64)\n"
+            "from adapters_ops import _zoo_train as T\n"
+            "assert T.blas_reproducibility() == 'mkl-off', T.blas_reproducibility()\n"
+            "from adapters_ops.errors import AdapterError\n"
+            "try:\n    T.deterministic().__enter__()\nexcept AdapterError as e:\n    print(e.code)\n")
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch without MKL: builds run on one thread")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "nondeterministic_blas"

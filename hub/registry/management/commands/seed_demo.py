@@ -53,7 +53,7 @@ def model_card(repo: str, skill: str, base: str, config: dict, seeds: Path | Non
     lines = [
         f"# {repo}",
         "",
-        f"A LoRA adapter for the `{skill}` task of the tiny demo model family, trained on `{base}`.",
+        f"A LoRA adapter for the `{skill}` task of the demo model family, trained on `{base}`.",
         "It is part of the hub's demo: try `hubctl pull`, `hubctl compress` or `hubctl transfer` on it.",
     ]
     if note:
@@ -138,7 +138,8 @@ class Command(BaseCommand):
             try:
                 services.base_model_register(
                     slug=slug, files=files, user=account, family=family, version=version,
-                    description=f"Tiny demo base model `{slug}`, from the hub's own model family (adapters_ops.zoo).",
+                    description=str(info.get("description") or
+                                    f"Tiny demo base model `{slug}`, from the hub's own model family (adapters_ops.zoo)."),
                 )
             except (ValidationError, services.Conflict) as exc:
                 raise CommandError(f"base {slug}: {exc}") from None
