@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,8 @@ def phase(name: str, d: Path, rank: int) -> dict:
     from adapters_ops import transfer as T
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    for out in ("out-dense", "out-lowrank", "naive-out", "lora"):  # a repeated round writes afresh
+        shutil.rmtree(d / out, ignore_errors=True)
     base_rss = _status("VmRSS")
     t0 = time.perf_counter()
     ckpt = sum(f.stat().st_size for f in (d / "base").glob("*.safetensors"))
@@ -158,6 +161,9 @@ def _check(out: Path, ft: Path) -> float:
 
 
 def run_phase(name: str, d: Path, rank: int) -> dict:
+    # Flush the previous phase's dirty pages first (untimed): otherwise each phase
+    # pays for the writeback of the one before it, and the order decides the winner.
+    os.sync()
     res = subprocess.run([sys.executable, __file__, "--phase", name, "--dir", str(d), "--rank", str(rank)],
                          capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
@@ -174,6 +180,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES),
                     help="which phases to run (naive_extract before apply: naive_apply reads its diff)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the phases; the table shows medians")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
@@ -187,7 +194,17 @@ def main() -> None:
         print(f"pair: {info['layers']} layers, {info['tensors']} tensors, {info['bytes'] / 2**30:.2f} GiB each "
               f"({args.dtype}), written in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs")
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        rows = [run_phase(p, d, args.rank) for p in PHASES if p in args.phases]
+        rounds = [[run_phase(p, d, args.rank) for p in PHASES if p in args.phases] for _ in range(args.repeat)]
+        rows = []
+        for i, first in enumerate(rounds[0]):
+            runs = [r[i] for r in rounds]
+            row = dict(first)
+            row["seconds"] = statistics.median(r["seconds"] for r in runs)
+            row["read_mb_s"] = first["read_mb_s"] * first["seconds"] / row["seconds"]
+            row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            if args.repeat > 1:
+                row["rounds_s"] = [round(r["seconds"], 1) for r in runs]
+            rows.append(row)
         print(f"\n{'phase':<16} {'seconds':>8} {'read MB/s':>10} {'peak RSS MB':>12} {'(import)':>9}  notes")
         for r in rows:
             notes = {k: v for k, v in r.items()

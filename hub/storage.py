@@ -39,7 +39,7 @@ BIG_CHUNK = 8 * 1024 * 1024
 # Uploads to S3: boto3's managed transfer, parts of this size, several in flight.
 S3_PART = 16 * 1024 * 1024
 S3_PARTS_IN_FLIGHT = 4
-UPLOAD_DIR = ".uploads"  # under the blob root: spooled uploads, renamed into place
+UPLOAD_DIR = ".uploads"  # under the blob root: spooled uploads, hard-linked into place
 # Files without a row younger than this are kept: an upload writes its file
 # before its row commits, and a large one may take a while.
 GC_GRACE_SECONDS = 3600
@@ -194,6 +194,8 @@ class BlobBatch:
     def _write(fileobj: BinaryIO, blob: Blob) -> None:
         """Store the bytes under blob.key: a link to a spooled file on the same
         disk, a managed multipart upload on S3, else a copy through the storage."""
+        if callable(flush := getattr(fileobj, "flush", None)):
+            flush()  # the link and upload_file read the file by its path, not through this object
         if is_s3():
             _s3_upload(fileobj, blob.key)
             return
