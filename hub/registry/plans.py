@@ -48,12 +48,13 @@ def _verdict_failed(rev: Revision | None) -> bool:
     return rev is not None and (rev.verdict or {}).get("status") == "failed"
 
 
-def moves(base: BaseModel, adapter_ids=None, user=None) -> dict[int, Revision]:
+def moves(base: BaseModel, adapter_ids=None, user=None, audience: Adapter | None = None) -> dict[int, Revision]:
     """The one rule for "already moved to the successor": adapter id -> the first
     transfer or Trans-LoRA revision on `base`'s successor made from it (its
     parent, or a revision of the adapter itself) that did not fail its verdict.
     Used by the plan, the scheduled sweep and the HF card's `new_version`; with
-    `user`, only moves whose result that user may see."""
+    `user`, only moves whose result that user may see; with `audience`, only
+    results everyone who sees that adapter sees (public, or private to its owner)."""
     if base.successor_id is None:
         return {}
     derived = (
@@ -63,6 +64,11 @@ def moves(base: BaseModel, adapter_ids=None, user=None) -> dict[int, Revision]:
     )
     if user is not None:
         derived = derived.filter(adapter__in=Adapter.objects.visible_to(user))
+    if audience is not None:
+        same = Q(adapter__visibility="public")
+        if audience.visibility == "private":
+            same |= Q(adapter__owner=audience.owner)
+        derived = derived.filter(same)
     if adapter_ids is not None:
         ids = set(adapter_ids)
         derived = derived.filter(Q(parents__adapter_id__in=ids) | Q(adapter_id__in=ids)).distinct()

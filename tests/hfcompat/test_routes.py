@@ -481,3 +481,32 @@ def test_files_over_the_line_limit_are_413(published, client_for, user, settings
     assert resp.status_code == 413 and published.adapter.revisions.count() == 1
     ok = post_commit(api, "alice/x", file_op("small.txt", b"z" * 10_000))
     assert ok.status_code == 200
+
+
+def test_generated_card_states_the_verdict_and_a_failed_move_is_not_a_new_version(published, client, tiny_base):
+    """The card of a derived revision says what the op did to the skill; a transfer that failed its
+    verdict is not the adapter's new version (plans.moves: one rule for the plan, the sweep and the card)."""
+    from hub.registry.models import BaseModel, Revision
+    from hub.registry.services import Adapter as A
+    from hub.registry.services import revision_create
+
+    failed = {"status": "failed", "before": 1.0, "after": 0.0, "ratio": 0.0, "base": 0.0,
+              "examples": {"used": "held_out", "count": 8}}
+    blobs = {rf.path: rf.blob for rf in published.files.select_related("blob")}
+    rev = revision_create(adapter=published.adapter, files=blobs, kind="compeft", parents=[published], ref="compeft")
+    Revision.objects.filter(pk=rev.pk).update(verdict=failed)
+    data, body = card.parse_card(body_of(client.get("/alice/x/resolve/compeft/README.md")).decode())
+    assert data["verdict"]["status"] == "failed" and "quality verdict" in body and "**failed**" in body
+
+    successor = BaseModel.objects.create(slug="tiny-base-2", manifest=tiny_base.manifest, sha="1" * 40)
+    tiny_base.successor = successor
+    tiny_base.save()
+    moved = A.objects.create(owner="alice", name="x-v2", base_model=successor, visibility="public")
+    move = revision_create(adapter=moved, files=blobs, kind="transfer", parents=[published], ref="transfer",
+                           base=successor)
+    Revision.objects.filter(pk=move.pk).update(verdict=failed)
+    data, _ = card.parse_card(body_of(client.get("/alice/x/resolve/main/README.md")).decode())
+    assert "new_version" not in data
+    Revision.objects.filter(pk=move.pk).update(verdict={**failed, "status": "passed", "after": 1.0, "ratio": 1.0})
+    data, _ = card.parse_card(body_of(client.get("/alice/x/resolve/main/README.md")).decode())
+    assert data["new_version"] == "alice/x-v2"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from django.db.models import Q
-
-from hub.registry import selectors, services
+from hub.registry import plans, selectors, services
 from hub.registry.models import Adapter, BaseModel, Blob, Revision
 from hub.storage import open_blob
 
@@ -67,22 +65,10 @@ def _same_audience(this: Adapter, other: Adapter) -> bool:
 
 
 def successor_of(adapter: Adapter) -> str | None:
-    """The adapter carried over to the successor of this adapter's base (a
-    transfer or Trans-LoRA child on that base), when there is one to name."""
-    succ = adapter.base_model.successor_id
-    if not succ:
-        return None
-    children = (
-        Revision.objects.filter(parents__adapter=adapter, kind__in=("transfer", "translora"))
-        .filter(Q(base_model_id=succ) | Q(adapter__base_model_id=succ))
-        .exclude(adapter=adapter)
-        .select_related("adapter")
-        .order_by("-created_at")
-    )
-    for child in children:
-        if _same_audience(adapter, child.adapter):
-            return child.adapter.repo_id
-    return None
+    """The adapter carried over to the successor of this adapter's base, when
+    there is one the card may name (plans.moves: the one rule for a move)."""
+    move = plans.moves(adapter.base_model, [adapter.id], audience=adapter).get(adapter.id)
+    return move.adapter.repo_id if move is not None and move.adapter_id != adapter.id else None
 
 
 def adapter_card(adapter: Adapter, revision: Revision) -> tuple[dict, bytes]:
@@ -96,7 +82,7 @@ def adapter_card(adapter: Adapter, revision: Revision) -> tuple[dict, bytes]:
     slug = revision.base_model.slug
     data = card.card_data(
         slug=slug, kind=revision.kind, tags=sorted(adapter.tags.values_list("name", flat=True)),
-        merged_from=merged_from, new_version=successor_of(adapter),
+        merged_from=merged_from, new_version=successor_of(adapter), verdict=revision.verdict,
     )
     facts = [
         ("commit", f"`{revision.sha}`"),
@@ -109,6 +95,7 @@ def adapter_card(adapter: Adapter, revision: Revision) -> tuple[dict, bytes]:
         ("size", f"{revision.size} bytes"),
     ]
     facts += card.metric_facts(revision.kind, revision.metrics)  # e.g. a merge's kept energy
+    facts += card.verdict_facts(revision.verdict)  # what the op did to the skill
     text = card.render_card(
         data, title=adapter.repo_id, description=adapter.description, facts=facts,
         usage=card.usage_snippet(adapter.repo_id, slug),
