@@ -488,6 +488,7 @@ _OPS: tuple[OpSpec, ...] = (
 _TEST_OPS: tuple[OpSpec, ...] = (
     OpSpec(name="sleep", title="sleep", summary="Test op: sleep in steps, reporting progress.", queue="cpu",
            soft_time_limit=150, time_limit=180, module="workers.ops.testing", test_only=True,
+           produces=("merge",),  # the runner's own tests stand a revision-making function in for it
            params=(Param("seconds", "float", "", 1.0, min=0, max=120), Param("steps", "int", "", 10, min=1, max=10_000),
                    Param("adapter", "repo", "")), writes="adapter"),
     OpSpec(name="fail", title="fail", summary="Test op: raise a user error, a transient fault or a bug.",

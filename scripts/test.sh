@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 # Idle OpenMP threads yield instead of spinning: torch and the worker processes share 2 cores.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# MKL in strict reproducibility mode in every process (pytest, workers, builds): sums do not depend
+# on the thread count, so a worker's result equals the same call in the test process bit for bit.
+export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 
 # Debian's chromium for the browser tests (never a tool's own browser download).
 if ! command -v chromium >/dev/null 2>&1; then

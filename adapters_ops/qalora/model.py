@@ -201,6 +201,17 @@ class QuantizedModel:
                     shutil.copy2(src, out / f)
         return out
 
+    def save_dequantized(self, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        """An ordinary HF folder (dequantized weights) that evaluate() and from_pretrained() read:
+        how a quantized result is scored for its verdict."""
+        out = Path(out_dir)
+        self.to_model(dtype).save_pretrained(str(out))
+        if self.source_dir is not None:
+            for f in _HF_SIDE_FILES[2:]:
+                if (Path(self.source_dir) / f).is_file():
+                    shutil.copy2(Path(self.source_dir) / f, out / f)
+        return out
+
 
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
