@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_ROOTS = ("torch", "transformers", "peft", "safetensors", "numpy", "adapters_ops")
 # Standard library only: the QA-LoRA declaration rule upload validation shares with the library,
 # the op declarations (REST validation, GET /api/v1/ops, the UI's job forms) and PEFT's
-# rank_pattern rule.
-SHARED = {"adapters_ops", "adapters_ops.qalora_declaration", "adapters_ops.opspecs", "adapters_ops.peft_patterns"}
+# rank_pattern rule, and the safetensors header reader.
+SHARED = {"adapters_ops", "adapters_ops.qalora_declaration", "adapters_ops.opspecs", "adapters_ops.peft_patterns",
+          "adapters_ops.safetensors_header"}
 
 
 def forbidden_modules_after(imports: str, *, django_setup: bool = True, also: tuple[str, ...] = ()) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, CorruptFile
+from ..safetensors_header import DTYPE_BITS, HeaderError, read_header
 
 Progress = Callable[[float, str], None] | None
 
@@ -35,6 +36,7 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20  # fp32 working set of one row chunk
 STREAM_CHUNK_BYTES = 4 * 2**20
 DEFAULT_HOLD_BYTES = 128 * 2**20  # extract() factors a diff matrix up to this size (fp32) in memory
 MAX_HEADER_BYTES = 100 * 2**20  # the cap safetensors itself enforces
+MAX_HEADER_TENSORS = 10**6  # far above any checkpoint; bounds what a crafted header allocates
 VOCAB_GROWTH_KEY = "vocab_growth"  # diff metadata: JSON {tensor: [base rows, fine-tune rows]}
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -48,7 +50,7 @@ _MATH_DTYPES = {"F64", "F32", "F16", "BF16"}  # dtypes a diff is computed and st
 
 
 def _itemsize(code: str) -> int:
-    return torch.empty((), dtype=_DTYPES[code]).element_size()
+    return DTYPE_BITS[code] // 8  # the one dtype size table (whole-byte dtypes here)
 
 
 def _natural_key(name: str) -> list:
@@ -84,46 +86,20 @@ class _Entry:
 
 def _read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the offset its data starts at,
-    validated as the format's own reader does (size cap, dtypes, dtype x shape
-    = bytes, contiguous offsets without holes or overlaps, exact file length)."""
+    validated as the format's own reader does (adapters_ops.safetensors_header,
+    which upload validation shares: caps, dtypes, dtype x shape = bytes, tiled
+    offsets, exact file length); dtypes this reader cannot compute in are refused."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CorruptFile(f"{path.name}: too short for a safetensors file", "header_truncated")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CorruptFile(f"{path.name}: header length {n} is impossible for a {size}-byte file",
-                              "header_too_large")
         try:
-            header = json.loads(fh.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptFile(f"{path.name}: header is not JSON: {exc}", "header_invalid") from exc
-    if not isinstance(header, dict):
-        raise CorruptFile(f"{path.name}: header is not a JSON object", "header_invalid")
-    spans = []
+            header = read_header(fh, size, max_bytes=MAX_HEADER_BYTES, max_tensors=MAX_HEADER_TENSORS)
+        except HeaderError as exc:
+            raise CorruptFile(f"{path.name}: {exc.detail}", exc.code) from None
+        fh.seek(0)
+        (n,) = struct.unpack("<Q", fh.read(8))
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code, shape, (s, e) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (TypeError, KeyError, ValueError) as exc:
-            raise CorruptFile(f"{path.name}: entry {name!r} is malformed", "header_invalid") from exc
-        if code not in _DTYPES:
-            raise CorruptFile(f"{path.name}: {name} has unsupported dtype {code!r}", "unsupported_dtype")
-        if any(d < 0 for d in shape) or not (isinstance(s, int) and isinstance(e, int)) or e < s:
-            raise CorruptFile(f"{path.name}: {name} has invalid shape or offsets", "header_invalid")
-        if e - s != math.prod(shape) * _itemsize(code):
-            raise CorruptFile(f"{path.name}: {name} is {e - s} bytes, {code} x {shape} needs "
-                              f"{math.prod(shape) * _itemsize(code)}", "size_mismatch")
-        spans.append((s, e, name))
-    end = 0
-    for s, e, name in sorted(spans):
-        if s != end:
-            raise CorruptFile(f"{path.name}: {name} starts at {s}, expected {end} (hole or overlap)", "bad_offsets")
-        end = e
-    if 8 + n + end != size:
-        raise CorruptFile(f"{path.name}: data is {size - 8 - n} bytes, the header describes {end}", "size_mismatch")
+        if name != "__metadata__" and info["dtype"] not in _DTYPES:
+            raise CorruptFile(f"{path.name}: {name} has unsupported dtype {info['dtype']!r}", "unsupported_dtype")
     return header, 8 + n
 
 
