@@ -18,6 +18,14 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# Debian's nginx-light for the front-server test of docs/deploy.md (X-Accel-Redirect); skipped without it.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) \
+      || echo "warning: could not install nginx-light; the X-Accel-Redirect test will skip" >&2
+  fi
+fi
+
 echo "== ruff"; "$BIN/ruff" check .
 echo "== import contracts"; "$BIN/lint-imports"
 echo "== pytest"
