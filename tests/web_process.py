@@ -15,7 +15,7 @@ FORBIDDEN_ROOTS = ("torch", "transformers", "peft", "safetensors", "numpy", "ada
 # the op declarations (REST validation, GET /api/v1/ops, the UI's job forms) and PEFT's
 # rank_pattern rule, and the safetensors header reader.
 SHARED = {"adapters_ops", "adapters_ops.qalora_declaration", "adapters_ops.opspecs", "adapters_ops.peft_patterns",
-          "adapters_ops.safetensors_header"}
+          "adapters_ops.safetensors_header", "adapters_ops.lineup", "adapters_ops.errors"}
 
 
 def forbidden_modules_after(imports: str, *, django_setup: bool = True, also: tuple[str, ...] = ()) -> list[str]:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, CorruptFile
+from ..lineup import natural_key as _natural_key  # noqa: F401  (read order, shared)
 from ..safetensors_header import DTYPE_BITS, HeaderError, read_header
 
 Progress = Callable[[float, str], None] | None
@@ -51,11 +51,6 @@ _MATH_DTYPES = {"F64", "F32", "F16", "BF16"}  # dtypes a diff is computed and st
 
 def _itemsize(code: str) -> int:
     return DTYPE_BITS[code] // 8  # the one dtype size table (whole-byte dtypes here)
-
-
-def _natural_key(name: str) -> list:
-    """layers.2 before layers.10: the order a person reads a model in."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def _report(progress: Progress, fraction: float, message: str) -> None:

@@ -1,24 +1,19 @@
 """Whether a diff taken on one base can be added to another: the tensors it touches
-exist on both with the same shapes (`check_compatible`, `require_compatible`)."""
+exist on both with the same shapes (`check_compatible`, `require_compatible`), by
+the rule of adapters_ops.lineup that the hub's retransfer plan asks too."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..adapter import _LORA_KEY, PEFT_PREFIX, Adapter, AdapterLike, as_adapter
-from ..errors import AdapterError, IncompatibleAdapters
-from .checkpoint_io import _natural_key
+from ..errors import IncompatibleAdapters
+from ..lineup import Mismatch, first_mismatch, shape
+from ..lineup import natural_key as _natural_key
 
 # --- compatibility -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    tensor: str
-    source_shape: tuple[int, ...] | None  # None: the source has no such tensor
-    target_shape: tuple[int, ...] | None  # None: the target has no such tensor
 
 
 @dataclass(frozen=True)
@@ -37,16 +32,6 @@ _TRANSLORA_HINT = ("the bases' weights do not line up, so a diff (a LoRA is one)
                    "onto any target through synthetic data")
 
 
-def _shape(manifest: Mapping[str, dict], name: str) -> tuple[int, ...] | None:
-    info = manifest.get(name)
-    if info is None:
-        return None
-    try:
-        return tuple(int(d) for d in info["shape"])
-    except (TypeError, KeyError, ValueError) as exc:
-        raise AdapterError(f"manifest entry {name!r} has no valid shape", "invalid_manifest") from exc
-
-
 def _adapter_tensor_names(adapter: Adapter) -> list[str]:
     """Base tensor names an adapter touches: each LoRA module's weight, and
     any other tensor it stores (modules_to_save) under its own name."""
@@ -57,13 +42,8 @@ def _adapter_tensor_names(adapter: Adapter) -> list[str]:
     return sorted(names, key=_natural_key)
 
 
-def _first_mismatch(src: Mapping[str, dict], tgt: Mapping[str, dict],
-                    names: Sequence[str]) -> tuple[int, Mismatch | None]:
-    for i, name in enumerate(names):
-        a, b = _shape(src, name), _shape(tgt, name)
-        if a is None or a != b:
-            return i + 1, Mismatch(name, a, b)
-    return len(names), None
+# the rule itself, shared with the hub's retransfer plan
+_first_mismatch, _shape = first_mismatch, shape
 
 
 def check_compatible(source_manifest: Mapping[str, dict], target_manifest: Mapping[str, dict],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from django.db.models import Q
 
-from adapters_ops import opspecs
+from adapters_ops import lineup, opspecs
 from hub.registry.models import Adapter, BaseModel, Job, Revision
 
 # The kinds a transfer makes (its declaration): a revision of one of them on the successor is a move.
@@ -80,27 +80,18 @@ def moves(base: BaseModel, adapter_ids=None, user=None, audience: Adapter | None
     return done
 
 
-def target_weights(manifest: dict, modules: list[str]) -> list[str]:
-    """Manifest keys of the weights an adapter with these target modules adapts
-    (target modules are short names such as `q_proj`, matched as a dotted suffix)."""
-    suffixes = tuple(f".{m}.weight" for m in modules)
-    exact = {f"{m}.weight" for m in modules}
-    return sorted(k for k in manifest if k in exact or k.endswith(suffixes))
-
-
 def planned_method(adapter: Adapter, base: BaseModel, successor: BaseModel) -> tuple[str, str]:
-    """("diff" | "translora", why). `diff` needs every adapted weight to exist
-    in the successor with the same shape; anything else needs Trans-LoRA."""
-    keys = target_weights(base.manifest, list(adapter.target_modules or []))
+    """("diff" | "translora", why): diff when every weight the adapter's target modules
+    adapt lines up on the successor (adapters_ops.lineup, the rule the transfer itself
+    applies to the adapter's tensors); anything else needs Trans-LoRA."""
+    keys = lineup.module_weights(base.manifest, list(adapter.target_modules or []))
     if not keys:
         return "translora", "its target modules are not found in the base's manifest"
-    for key in keys:
-        old = base.manifest[key].get("shape")
-        new = (successor.manifest.get(key) or {}).get("shape")
-        if new is None:
-            return "translora", f"{key} is missing from {successor.slug}"
-        if list(old) != list(new):
-            return "translora", f"{key} changes shape {list(old)} → {list(new)}"
+    _, mm = lineup.first_mismatch(base.manifest, successor.manifest, keys)
+    if mm is not None and mm.target_shape is None:
+        return "translora", f"{mm.tensor} is missing from {successor.slug}"
+    if mm is not None:
+        return "translora", f"{mm.tensor} changes shape {list(mm.source_shape)} → {list(mm.target_shape)}"
     mods = ", ".join(adapter.target_modules)
     return "diff", f"same shapes for {mods} ({len(keys)} weight{'s' if len(keys) != 1 else ''})"
 
