@@ -1,0 +1,110 @@
+"""Merging on the real lane (SmolLM2-135M-Instruct 1.0): does each skill survive a merge of two LoRAs?
+
+    .venv/bin/python benchmarks/real_merge.py [--lane DIR] [--pairs json_extract+news_section ...]
+        [--methods linear ties dare_ties magnitude_prune svd cat] [--weight W] [--quick | --limit N] [--json FILE]
+
+Per pair and method: `merge.merge` of the two skills' LoRAs with equal weights (default 1/n,
+the hub's own default when no weights are given; --weight sets another) and the hub's
+default densities (ties and magnitude_prune 0.5, dare_ties 0.7: verdict.AUTO_MERGE_METHODS),
+default rank, seed 0. Each skill's exact match on its test split, as a fraction of its single
+LoRA's. A method whose merged tensors are identical to an earlier method's (cat and linear
+without a rank) reuses that score and says so. Prints a markdown table; --json writes every
+number with the merge's wall time and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _real_lane as L  # noqa: E402
+import torch  # noqa: E402
+
+from adapters_ops import _zoo_train, merge, verdict  # noqa: E402
+from adapters_ops.adapter import Adapter  # noqa: E402
+
+PAIRS = (("json_extract", "news_section"), ("past_tense", "number_digits"))
+METHODS = ("linear", "ties", "dare_ties", "magnitude_prune", "svd", "cat")
+DENSITY = {**{m: d for m, d in verdict.AUTO_MERGE_METHODS}, "cat": None}
+
+
+def _same(a: Adapter, b: Adapter) -> bool:
+    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def run(root: Path, pairs, methods=METHODS, base: str = L.SOURCE, limit: int | None = None,
+        weight: float | None = None, log=print) -> dict:
+    scorer = L.Scorer(root / "bases" / base)
+    singles: dict[str, float] = {}
+    result = {"base": base, "lane": root.name, "pairs": {}}
+    for pair in pairs:
+        loras = [Adapter.load(root / "adapters" / s) for s in pair]
+        tests = {s: L.examples(root, s, "test", limit) for s in pair}
+        for s, lora in zip(pair, loras, strict=True):
+            if s not in singles:
+                known = L.lane_score(root, s, f"{base} + LoRA", len(tests[s]))
+                singles[s] = known if known is not None else scorer.accuracy(lora, tests[s])
+        weights = [weight if weight is not None else 1.0 / len(pair)] * len(pair)
+        done: list[tuple[str, Adapter, dict]] = []
+        rows = {}
+        for method in methods:
+            density = DENSITY.get(method)
+            op = L.timed(merge.merge, loras, weights, method=method, density=density, seed=0)
+            twin = next((name for name, other, _ in done if _same(op.value, other)), None)
+            scores = dict(next(sc for name, _, sc in done if name == twin)) if twin else {
+                s: scorer.accuracy(op.value, tests[s]) for s in pair}
+            done.append((method, op.value, scores))
+            rows[method] = {"density": density, "weights": weights, "seconds": op.seconds,
+                            "peak_rss_mb": op.peak_rss_mb, "same_tensors_as": twin,
+                            "skills": {s: {"accuracy": scores[s], "fraction": L.ratio(scores[s], singles[s])}
+                                       for s in pair}}
+            log(f"{'+'.join(pair)} {method}: " + ", ".join(f"{s} {scores[s]:.3f}" for s in pair)
+                + f" (merge {op.seconds:.1f} s{', same tensors as ' + twin if twin else ''})")
+        result["pairs"]["+".join(pair)] = {"n": {s: len(t) for s, t in tests.items()}, "methods": rows}
+    result["singles"] = singles
+    result["scoring"] = {"examples": scorer.examples_scored, "seconds": round(scorer.seconds, 1)}
+    return result
+
+
+def table(result: dict) -> str:
+    lines = []
+    for pair, entry in result["pairs"].items():
+        skills = pair.split("+")
+        lines += [f"\n**{pair}** (single LoRAs: " + ", ".join(f"{s} {result['singles'][s]:.3f}" for s in skills) + ")\n",
+                  "| method | density | " + " | ".join(skills) + " | worst fraction | merge s |",
+                  "|---|---|" + "---|" * len(skills) + "---|---|"]
+        for method, r in entry["methods"].items():
+            cells = [f"{r['skills'][s]['accuracy']:.3f} ({L.fmt(r['skills'][s]['fraction'], 2)})" for s in skills]
+            worst = min((r["skills"][s]["fraction"] or 0.0) for s in skills)
+            note = f" (= {r['same_tensors_as']})" if r["same_tensors_as"] else ""
+            lines.append(f"| {method}{note} | {r['density'] if r['density'] is not None else '-'} | "
+                         + " | ".join(cells) + f" | {worst:.2f} | {r['seconds']:.1f} |")
+    lines.append("\nCells: exact match (fraction of the single LoRA's).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    L.add_common_args(ap)
+    ap.add_argument("--pairs", nargs="+", default=["+".join(p) for p in PAIRS], help="skill pairs, a+b")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(merge.METHODS))
+    ap.add_argument("--weight", type=float, default=None, help="weight of every adapter (default: 1/n)")
+    args = ap.parse_args(argv)
+    root = L.lane_dir(args.lane)
+    pairs = [tuple(p.split("+")) for p in args.pairs]
+    with _zoo_train.deterministic(threads=args.threads):
+        env = L.machine()
+        result = run(root, pairs, args.methods, limit=L.limit_of(args), weight=args.weight,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"], result["machine_end"] = env, L.machine()
+    result["peak_rss_mb"] = L.peak_rss_mb()
+    print(table(result))
+    L.write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Smoke tests of benchmarks/real_*.py: each script's core `run` on the tiny zoo (same layout
+as the real lane: bases/, tasks/, adapters/, manifest.json), one skill, 4 test examples, so the
+scripts cannot rot between real runs. The real lane (~30 min to build) is never needed here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _real_lane as L  # noqa: E402
+import real_compeft  # noqa: E402
+import real_merge  # noqa: E402
+import real_transfer  # noqa: E402
+
+SRC, DST = "tiny-llama-3.0", "tiny-llama-3.1"
+
+
+def test_compeft_cells_sizes_and_fractions(zoo_dir):
+    res = real_compeft.run(zoo_dir, ["caesar"], base=SRC, limit=4, densities=(0.1,), log=lambda m: None)
+    row = res["skills"]["caesar"]
+    assert row["n"] == 4 and row["lora_from"] == "measured"  # the tiny zoo has no scores.json
+    assert set(row["cells"]) == {"d=0.1", "d=0.1, scale chosen on seeds", "d=0.1, magnitude_bits=2"}
+    for cell in row["cells"].values():
+        assert 0.0 <= cell["accuracy"] <= 1.0 and cell["op_seconds"] >= 0 and cell["peak_rss_mb"] > 0
+        assert cell["x_smaller_than_bf16"] == round(row["bf16_bytes"] / cell["file_bytes"], 1) > 1
+    chosen = row["cells"]["d=0.1, scale chosen on seeds"]
+    assert chosen["replace_factor"] in chosen["seed_scores"]
+    # two magnitude bits per kept entry cost more bytes than the ternary file at the same density
+    assert row["cells"]["d=0.1, magnitude_bits=2"]["file_bytes"] > row["cells"]["d=0.1"]["file_bytes"]
+    assert "| caesar |" in real_compeft.table(res)
+
+
+def test_transfer_rebase_is_the_unchanged_lora_and_finetune_is_scored(zoo_dir):
+    res = real_transfer.run(zoo_dir, ["reverse"], source=SRC, target=DST, limit=4, finetune_skills=["reverse"],
+                            finetune_steps=2, log=lambda m: None)
+    row = res["skills"]["reverse"]
+    assert row["rebase_identical_to_unchanged"] and row["transferred"] == row["unchanged"]
+    assert all(row["from"][k] == "measured" for k in ("source", "target_base", "unchanged", "finetuned"))
+    assert row["finetune"]["method"] == "diff+finetune" and row["finetune"]["seconds"] > 0
+    assert row["finetune"]["verdict"] in ("passed", "degraded", "failed", "unverified")
+    assert "| reverse |" in real_transfer.table(res)
+
+
+def test_merge_methods_fractions_and_cat_equals_linear(zoo_dir):
+    res = real_merge.run(zoo_dir, [("caesar", "reverse")], methods=("linear", "ties", "cat"), base=SRC, limit=4,
+                         log=lambda m: None)
+    rows = res["pairs"]["caesar+reverse"]["methods"]
+    assert rows["ties"]["density"] == 0.5 and rows["linear"]["weights"] == [0.5, 0.5]
+    assert rows["cat"]["same_tensors_as"] == "linear" and rows["cat"]["skills"] == rows["linear"]["skills"]
+    for r in rows.values():
+        for s, cell in r["skills"].items():
+            assert cell["fraction"] == L.ratio(cell["accuracy"], res["singles"][s])
+    assert "worst fraction" in real_merge.table(res)
+
+
+@pytest.mark.parametrize("script", ["real_compeft.py", "real_transfer.py", "real_merge.py"])
+def test_scripts_help_and_missing_lane(script, tmp_path):
+    run = [sys.executable, str(BENCH / script)]
+    out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--quick" in out.stdout and "--lane" in out.stdout
+    out = subprocess.run([*run, "--lane", str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no real lane" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_json_written(tmp_path):
+    L.write_json(tmp_path / "r" / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "r" / "x.json").read_text()) == {"a": 1}
