@@ -19,12 +19,10 @@ from hub.cli.client import (
     slug,
 )
 from hub.cli.files import TRANSFER_TIMEOUT, pull_files
-from hub.cli.output import (  # noqa: F401
+from hub.cli.output import (
     dump_json,
-    fmt_metric,
     fmt_metrics,
     human_size,
-    last_line,
     listing,
     note,
     out,

@@ -22,17 +22,10 @@ from hub.cli.client import (
     hub_url,
     store_token,
 )
-from hub.cli.output import (  # noqa: F401
+from hub.cli.output import (
     dump_json,
-    fmt_metric,
-    fmt_metrics,
-    human_size,
-    last_line,
-    listing,
     note,
     out,
-    short_time,
-    table,
 )
 
 
