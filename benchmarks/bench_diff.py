@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
+OUTPUTS = {"extract_lowrank": "lora", "naive_apply": "naive-out", "apply_dense": "out-dense",
+           "apply_lowrank": "out-lowrank"}
 PHASES = ("naive_extract", "extract_dense", "extract_lowrank", "naive_apply", "apply_dense", "apply_lowrank")
 
 
@@ -100,8 +102,8 @@ def phase(name: str, d: Path, rank: int) -> dict:
     from adapters_ops import transfer as T
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    for out in ("out-dense", "out-lowrank", "naive-out", "lora"):  # a repeated round writes afresh
-        shutil.rmtree(d / out, ignore_errors=True)
+    # a repeated round writes afresh: remove this phase's own output (never another phase's input)
+    shutil.rmtree(d / OUTPUTS.get(name, "-"), ignore_errors=True)
     base_rss = _status("VmRSS")
     t0 = time.perf_counter()
     ckpt = sum(f.stat().st_size for f in (d / "base").glob("*.safetensors"))
@@ -150,7 +152,7 @@ def _load_file(path: Path) -> dict:
 
 def _check(out: Path, ft: Path) -> float:
     """Largest |applied - fine-tuned| over a few tensors, read with our streaming reader."""
-    from adapters_ops.transfer import _Checkpoint
+    from adapters_ops.transfer.checkpoint_io import _Checkpoint
 
     worst = 0.0
     with _Checkpoint(out) as a, _Checkpoint(ft) as b:

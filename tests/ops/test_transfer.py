@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -474,14 +475,19 @@ def test_extract_and_apply_memory_is_bounded_by_a_tensor(tmp_path):
     make(tmp_path / "small", 2, 64)
     make(tmp_path / "big", 16, 2048)  # 2048 x 1024 fp32 = 8 MiB each
     (tmp_path / "out").mkdir()
+    # glibc's dynamic mmap threshold keeps freed multi-MiB buffers in the heap, so RSS there
+    # measures the allocator's retention (48-103 MiB here, varying run to run), not what the
+    # code holds. A fixed threshold hands every freed buffer back: RSS is the live set.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     res = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path / "small"), str(tmp_path / "big"),
-                          str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
     growth = m["after"] - m["before"]
     print(f"peak RSS growth {growth / 2**20:.1f} MiB")
     ckpt = 16 * 8 * 2**20
-    assert growth < 64 * 2**20, f"peak RSS grew {growth / 2**20:.0f} MiB for a {ckpt / 2**20:.0f} MiB checkpoint"
+    # measured 16-17 MiB live: one 8 MiB diff matrix held for its SVD, plus a chunk or two
+    assert growth < 40 * 2**20, f"peak RSS grew {growth / 2**20:.0f} MiB for a {ckpt / 2**20:.0f} MiB checkpoint"
     assert len(list((tmp_path / "out" / "big-applied").glob("model-*.safetensors"))) == 2
 
 
