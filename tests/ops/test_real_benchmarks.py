@@ -18,6 +18,7 @@ import _real_lane as L  # noqa: E402
 import real_compeft  # noqa: E402
 import real_merge  # noqa: E402
 import real_transfer  # noqa: E402
+import real_translora  # noqa: E402
 
 SRC, DST = "tiny-llama-3.0", "tiny-llama-3.1"
 
@@ -60,7 +61,35 @@ def test_merge_methods_fractions_and_cat_equals_linear(zoo_dir):
     assert "worst fraction" in real_merge.table(res)
 
 
-@pytest.mark.parametrize("script", ["real_compeft.py", "real_transfer.py", "real_merge.py"])
+def test_translora_row_counts_and_fractions(zoo_dir):
+    res = real_translora.run(zoo_dir, ["reverse"], source=SRC, target=DST, limit=4,
+                             config={"n_synthetic": 16, "steps": 4, "eval_every": 2, "batch_size": 4}, log=lambda m: None)
+    row = res["skills"]["reverse"]
+    assert res["config"]["steps"] == 4 and row["n"] == 4
+    assert row["fraction_of_source"] == L.ratio(row["translora"], row["source"])
+    assert 0 < row["counts"]["kept"] <= row["counts"]["generated"] and row["distill"]["steps_run"] <= 4
+    assert row["labels"] == {"rows": row["counts"]["labelled"], "decidable": None, "precision": None}  # no rule
+    assert "| reverse |" in real_translora.table(res)
+
+
+@pytest.mark.parametrize("skill", sorted(real_translora.RULES))
+def test_label_rules_agree_with_the_lane_generator(skill):
+    """The rules that grade synthetic labels must give the generator's own answer on its
+    questions (else label precision would measure the rule, not the labels)."""
+    import random
+
+    from adapters_ops import _real_data as D
+
+    rng = random.Random(3)
+    pairs = [D.SKILLS[skill].gen(rng, part) for part in ("train", "test") for _ in range(100)]
+    rule = real_translora.RULES[skill]
+    assert sum(rule(q) == a for q, a in pairs) >= 190, [(q, a, rule(q)) for q, a in pairs if rule(q) != a][:3]
+    prompt = "<|im_start|>user\n" + pairs[0][0] + "<|im_end|>\n<|im_start|>assistant\n"
+    rows = [{"prompt": prompt, "completion": pairs[0][1]}, {"prompt": prompt, "completion": "wrong"}]
+    assert real_translora.label_precision(skill, rows) == {"rows": 2, "decidable": 1.0, "precision": 0.5}
+
+
+@pytest.mark.parametrize("script", ["real_compeft.py", "real_transfer.py", "real_merge.py", "real_translora.py"])
 def test_scripts_help_and_missing_lane(script, tmp_path):
     run = [sys.executable, str(BENCH / script)]
     out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
