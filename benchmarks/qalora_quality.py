@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--skills", nargs="*", help="default: every skill with an adapter")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--group", type=int, default=8, help="8: hidden 128 -> 16 groups a row")
-    ap.add_argument("--steps", type=int, default=4000, help="most recovery steps (early stop on the seeds)")
+    ap.add_argument("--steps", type=int, default=4000,
+                    help="most recovery steps (early stop on the seeds); 0: no recovery (column n/m)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16, help="QA-LoRA rank of the student")
@@ -136,7 +137,7 @@ def main() -> None:
         fp = score(teacher, tok, test)
         qa, conv = Q.to_qalora(adapter, args.group)
         data = seeds
-        if args.synthetic:
+        if args.synthetic and args.steps:
             syn, info = Q.synthetic_examples(base, adapter, seeds, n=args.synthetic)
             data = syn + seeds
             print(f"# {skill}: {len(syn)} synthetic examples ({info['generate']['by_generator']}, "
@@ -145,12 +146,17 @@ def main() -> None:
         for bits, qm in qbase.items():
             naive = score(Q.naive_merge_quantize(base, adapter, bits, args.group).to_model(), tok, test)
             converted = score(qm.merge(qa).to_model(), tok, test)
-            rec, rep = Q.recover(qm, student, data, teacher=teacher, tokenizer=tok, config=rcfg, eval_examples=seeds)
-            recovered = score(qm.merge(rec).to_model(), tok, test)
-            gap = max(merge_gap(qm, qa, tok, test), merge_gap(qm, rec, tok, test))
-            cells = [f"{a:.2f} (ppl {p:.3f})" for a, p in (fp, naive, converted, recovered)]
+            if args.steps:
+                rec, rep = Q.recover(qm, student, data, teacher=teacher, tokenizer=tok, config=rcfg,
+                                     eval_examples=seeds)
+                recovered = score(qm.merge(rec).to_model(), tok, test)
+                gap = max(merge_gap(qm, qa, tok, test), merge_gap(qm, rec, tok, test))
+                steps = f"{rep['best_step']}/{rep['steps_run']} | {rep['seconds']:.0f}"
+            else:  # --steps 0: no recovery run, the column says so
+                recovered, gap, steps = None, merge_gap(qm, qa, tok, test), "- | -"
+            cells = ["n/m" if c is None else f"{c[0]:.2f} (ppl {c[1]:.3f})" for c in (fp, naive, converted, recovered)]
             print(f"| {skill} | {bits} | " + " | ".join(cells) + f" | {conv['rel_error']:.3f} | {gap:.1e} "
-                  f"| {rep['best_step']}/{rep['steps_run']} | {rep['seconds']:.0f} |", flush=True)
+                  f"| {steps} |", flush=True)
     if not args.no_size:
         ours, bf16 = expert_size()
         print(f"\n# size of a 14336 x 4096 expert: bf16 safetensors {bf16 / 2**20:.1f} MiB, 4-bit g64 packed "
