@@ -4,6 +4,8 @@ keeps (tests/ops/test_merge.py holds the merges' exactness)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_deterministic_for_a_seed(pair):
     two, _ = compose.distill_merge(pair["base"], pair["adapters"], pair["seeds"], cfg)
     assert one.tensors.keys() == two.tensors.keys()
     assert all(torch.equal(t, two.tensors[k]) for k, t in one.tensors.items())
+    # batch_size and lr reach the distillation: another lr, another student
+    slow, _ = compose.distill_merge(pair["base"], pair["adapters"], pair["seeds"],
+                                    dataclasses.replace(cfg, lr=1e-4, batch_size=8))
+    assert not all(torch.equal(t, slow.tensors[k]) for k, t in one.tensors.items())
 
 
 def _other_base(a: Adapter) -> Adapter:
@@ -80,6 +86,8 @@ def _other_base(a: Adapter) -> Adapter:
     ("other-base", IncompatibleAdapters, "different_bases"),
     ("steps", AdapterError, "invalid_parameter"),
     ("rank", AdapterError, "invalid_parameter"),
+    ("lr", AdapterError, "invalid_parameter"),
+    ("batch_size", AdapterError, "invalid_parameter"),
 ])
 def test_errors(pair, case, exc, code):
     adapters, seeds, cfg = list(pair["adapters"]), list(pair["seeds"]), FAST
@@ -96,5 +104,9 @@ def test_errors(pair, case, exc, code):
             cfg = compose.ComposeConfig(steps=0)
         elif case == "rank":
             cfg = compose.ComposeConfig(rank=True)
+        elif case == "lr":
+            cfg = compose.ComposeConfig(lr=0.0)
+        elif case == "batch_size":
+            cfg = compose.ComposeConfig(batch_size=0)
         compose.distill_merge(pair["base"], adapters, seeds, cfg)
     assert info.value.code == code and str(info.value)

@@ -61,6 +61,14 @@ def test_merge_methods_fractions_and_cat_equals_linear(zoo_dir):
     assert "worst fraction" in real_merge.table(res)
 
 
+def test_merge_distill_cell(zoo_dir):
+    res = real_merge.run(zoo_dir, [("caesar", "reverse")], methods=("distill",), base=SRC, limit=4,
+                         distill={"synthetic": 16, "steps": 4}, log=lambda m: None)
+    row = res["pairs"]["caesar+reverse"]["methods"]["distill"]
+    assert row["weights"] is None and row["same_tensors_as"] is None and row["seconds"] > 0
+    assert all(0.0 <= c["accuracy"] <= 1.0 for c in row["skills"].values())
+
+
 def test_translora_row_counts_and_fractions(zoo_dir):
     res = real_translora.run(zoo_dir, ["reverse"], source=SRC, target=DST, limit=4,
                              config={"n_synthetic": 16, "steps": 4, "eval_every": 2, "batch_size": 4}, log=lambda m: None)
