@@ -62,6 +62,14 @@ from .params import (
     CompressParams,
     keep_count,
 )
-from .scale_search import DEFAULT_CANDIDATES, LEVEL_CANDIDATES, ScaleChoice, choose_scale
+from .scale_search import (
+    DEFAULT_CANDIDATES,
+    LEVEL_CANDIDATES,
+    DensityChoice,
+    ScaleChoice,
+    choose_density,
+    choose_scale,
+    compress_at,
+)
 
-__all__ = ['BLOB_NAME', 'CODEC_RICE', 'CompressParams', 'CompressedAdapter', 'CompressedTensor', 'DEFAULT_CANDIDATES', 'FACTORIZATIONS', 'FILE_NAME', 'FORMAT_NAME', 'FORMAT_VERSION', 'KEEP_RULES', 'LEVEL_CANDIDATES', 'MAX_MAGNITUDE_BITS', 'READABLE_VERSIONS', 'SCOPES', 'ScaleChoice', 'balanced_pair', 'choose_scale', 'compress', 'fit_levels', 'keep_count', 'load', 'loads', 'rice_decode', 'rice_encode', '_checksum', 'AdapterError']
+__all__ = ['BLOB_NAME', 'CODEC_RICE', 'CompressParams', 'CompressedAdapter', 'CompressedTensor', 'DEFAULT_CANDIDATES', 'DensityChoice', 'FACTORIZATIONS', 'FILE_NAME', 'FORMAT_NAME', 'FORMAT_VERSION', 'KEEP_RULES', 'LEVEL_CANDIDATES', 'MAX_MAGNITUDE_BITS', 'READABLE_VERSIONS', 'SCOPES', 'ScaleChoice', 'balanced_pair', 'choose_density', 'choose_scale', 'compress_at', 'compress', 'fit_levels', 'keep_count', 'load', 'loads', 'rice_decode', 'rice_encode', '_checksum', 'AdapterError']

@@ -69,3 +69,49 @@ def choose_scale(
     if best is None:
         raise AdapterError("score_fn returned NaN for every candidate", "invalid_score")
     return ScaleChoice(replace_factor=best[0], score=best[1], scores=scores, compressed=best[2])
+
+
+# --------------------------------------------------------------------------------------------
+# picking the density (the op's `density auto`)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DensityChoice:
+    density: float
+    compressed: CompressedAdapter
+    scale: ScaleChoice | None  # the scale search at that density (None when the scale was not tuned)
+    passed: bool  # whether the chosen density reached the pass ratio on the choosing examples
+    tried: list[dict]  # [{"density", "ratio"}] in the order tried
+
+
+def compress_at(adapter: AdapterLike, density: float, score_fn: Callable[[Adapter], float] | None = None, *,
+                alpha: float | None = None, scope: str = "global", magnitude_bits: int = 0,
+                factorization: str = "as_is") -> tuple[CompressedAdapter, ScaleChoice | None]:
+    """One density: the scale chosen by `score_fn` when given (choose_scale), else the paper's
+    rule (replace_factor 1, or `alpha`)."""
+    options = {"scope": scope, "magnitude_bits": magnitude_bits, "factorization": factorization}
+    if score_fn is not None:
+        choice = choose_scale(adapter, density, score_fn, **options)
+        return choice.compressed, choice
+    return compress(adapter, density=density, alpha=alpha, **options), None
+
+
+def choose_density(adapter: AdapterLike, score_fn: Callable[[Adapter], float], before: float,
+                   densities: Iterable[float], *, pass_ratio: float, tune_scale: bool = True,
+                   **options) -> DensityChoice:
+    """The smallest file that keeps `pass_ratio` of `before` (the source's score by the same
+    `score_fn`): densities tried cheapest first, each with its scale chosen by `score_fn` when
+    `tune_scale`; the first that passes wins. When none passes, the best ratio is kept and
+    `passed` is False. `options` go to compress_at (alpha, scope, magnitude_bits, factorization)."""
+    from ..verdict import ratio_of, search  # stdlib-only policy module
+
+    def trial(density):
+        packed, choice = compress_at(adapter, density, score_fn if tune_scale else None, **options)
+        after = choice.score if choice else score_fn(packed.decompress())
+        return (packed, choice), ratio_of(before, after)
+
+    found = search(list(densities), trial, pass_ratio=pass_ratio)
+    (packed, choice) = found.result
+    return DensityChoice(density=found.candidate, compressed=packed, scale=choice, passed=found.passed,
+                         tried=[{"density": t["candidate"], "ratio": t["ratio"]} for t in found.tried])

@@ -135,3 +135,33 @@ def test_unknown_keep_rule_is_refused():
     with pytest.raises(AdapterError) as e:
         compeft.compress(tied_adapter(), keep="most")
     assert e.value.code == "invalid_keep"
+
+
+def _kept_share(a: Adapter) -> float:
+    flat = torch.cat([t.float().reshape(-1) for t in a.tensors.values()])
+    return float((flat != 0).float().mean())
+
+
+def test_choose_density_takes_the_cheapest_passing_density_with_its_scale():
+    """A score that rewards a kept share >= 15 % and the factor 2: the search stops at d=0.2
+    (0.05 and 0.1 tried first and failed), with the scale chosen at that density."""
+    ad = tied_adapter(dtype=torch.float32, step=1e-3)
+    calls = []
+
+    def score(a):
+        calls.append(_kept_share(a))
+        return 1.0 if _kept_share(a) >= 0.15 else 0.0
+
+    got = compeft.choose_density(ad, score, 1.0, (0.05, 0.1, 0.2, 0.5), pass_ratio=0.9)
+    assert got.density == 0.2 and got.passed and got.scale is not None
+    assert [t["density"] for t in got.tried] == [0.05, 0.1, 0.2] and [t["ratio"] for t in got.tried] == [0, 0, 1]
+    assert got.compressed.to_bytes() == got.scale.compressed.to_bytes()
+    assert len(calls) == 3 * len(compeft.DEFAULT_CANDIDATES)  # 0.5 never tried
+
+
+def test_choose_density_without_a_pass_keeps_the_best_and_says_so():
+    ad = tied_adapter(dtype=torch.float32, step=1e-3)
+    got = compeft.choose_density(ad, lambda a: 0.5 * _kept_share(a), 1.0, (0.1, 0.3), pass_ratio=0.9,
+                                 tune_scale=False)
+    assert not got.passed and got.density == 0.3 and got.scale is None
+    assert [t["density"] for t in got.tried] == [0.1, 0.3]

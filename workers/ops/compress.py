@@ -46,33 +46,21 @@ def compress(ctx: runner.JobContext) -> runner.RevisionOutput:
                      f"Candidate {len(calls)}: seed accuracy {acc:.2f} on {len(chosen_on)} seeds")
         return acc
 
-    def pack(density: float):
-        """(compressed, scale choice or None) at one density."""
-        if tune:
-            choice = compeft.choose_scale(lora, density, score, scope=p["scope"], **options)
-            return choice.compressed, choice
-        return compeft.compress(lora, density=density, alpha=p.get("alpha"), scope=p["scope"], **options), None
-
     if auto:
         # the smallest file that passes on the search's half of the seeds (densities cheapest first)
         ctx.progress(0.1, f"density auto: searching {len(verdict.AUTO_DENSITIES)} densities on {len(chosen_on)} seeds")
         before = inputs.seed_accuracy(base, chosen_on, lora)
-
-        def trial(density):
-            packed, choice = pack(density)
-            after = choice.score if choice else score(packed.decompress())
-            return (packed, choice), verdict.ratio_of(before, after)
-
-        found = verdict.search(verdict.AUTO_DENSITIES, trial)
-        (packed, choice), density = found.result, found.candidate
+        found = compeft.choose_density(lora, score, before, verdict.AUTO_DENSITIES, pass_ratio=verdict.PASS_RATIO,
+                                       tune_scale=tune, alpha=p.get("alpha"), scope=p["scope"], **options)
+        packed, choice, density = found.compressed, found.scale, found.density
         metrics.update(density=density, density_search={
-            "examples": len(chosen_on), "source_accuracy": before, "passed": found.passed,
-            "tried": [{"density": t["candidate"], "ratio": t["ratio"]} for t in found.tried]})  # in order
+            "examples": len(chosen_on), "source_accuracy": before, "passed": found.passed, "tried": found.tried})
     else:
         density = p["density"]
         ctx.progress(0.15, f"Compressing at density {density}" + (f", choosing the scale on {len(chosen_on)} seeds"
                                                                  if tune else ""))
-        packed, choice = pack(density)
+        packed, choice = compeft.compress_at(lora, density, score if tune else None, alpha=p.get("alpha"),
+                                             scope=p["scope"], **options)
     if choice is not None:
         metrics.update(replace_factor=choice.replace_factor, scale_search={
             "examples": len(chosen_on), "best_accuracy": round(choice.score, 4),
