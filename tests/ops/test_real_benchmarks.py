@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _real_lane as L  # noqa: E402
+import real_auto  # noqa: E402
 import real_compeft  # noqa: E402
 import real_merge  # noqa: E402
 import real_transfer  # noqa: E402
@@ -61,6 +62,16 @@ def test_merge_methods_fractions_and_cat_equals_linear(zoo_dir):
     assert "worst fraction" in real_merge.table(res)
 
 
+def test_auto_density_row_and_both_verdicts(zoo_dir):
+    res = real_auto.run(zoo_dir, ["caesar"], base=SRC, limit=4, densities=(0.1, 1.0), log=lambda m: None)
+    row = res["skills"]["caesar"]
+    assert row["density"] in (0.1, 1.0) and [t["density"] for t in row["tried"]][0] == 0.1
+    assert row["seed_verdict"]["examples"]["source"] == "held_out_seeds" and row["seed_verdict"]["examples"]["n"] == 8
+    assert row["test_verdict"]["status"] in ("passed", "degraded", "failed", "unverified")
+    assert row["agree"] == (row["seed_verdict"]["status"] == row["test_verdict"]["status"])
+    assert "| caesar |" in real_auto.table(res)
+
+
 def test_merge_distill_cell(zoo_dir):
     res = real_merge.run(zoo_dir, [("caesar", "reverse")], methods=("distill",), base=SRC, limit=4,
                          distill={"synthetic": 16, "steps": 4}, log=lambda m: None)
@@ -97,7 +108,7 @@ def test_label_rules_agree_with_the_lane_generator(skill):
     assert real_translora.label_precision(skill, rows) == {"rows": 2, "decidable": 1.0, "precision": 0.5}
 
 
-@pytest.mark.parametrize("script", ["real_compeft.py", "real_transfer.py", "real_merge.py", "real_translora.py"])
+@pytest.mark.parametrize("script", ["real_compeft.py", "real_transfer.py", "real_merge.py", "real_translora.py", "real_auto.py"])
 def test_scripts_help_and_missing_lane(script, tmp_path):
     run = [sys.executable, str(BENCH / script)]
     out = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
