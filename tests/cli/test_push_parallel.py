@@ -23,7 +23,6 @@ from tests.cli.test_cli import (  # noqa: F401 - fixtures
     tokens,
 )
 
-
 REAL_CLIENT = httpx.Client  # the recorders patch httpx.Client itself: each subclasses the real one
 
 
@@ -100,7 +99,7 @@ def revision_files(repo: str, token: str) -> dict[str, str]:
 
 
 @live
-def test_push_sends_files_in_parallel_then_commits_once(registered, hubctl, tokens, big_folder, monkeypatch,
+def test_push_sends_files_in_parallel_then_commits_once(registered, hubctl, tokens, big_folder, monkeypatch,  # noqa: F811
                                                          tmp_path):
     rec = Recorder(monkeypatch, delay=0.3)
     r = hubctl("push", big_folder, "--base", "tiny-base", "--name", "alice/many", token=tokens["alice"])
@@ -116,7 +115,7 @@ def test_push_sends_files_in_parallel_then_commits_once(registered, hubctl, toke
 
 
 @live
-def test_push_one_file_at_a_time_when_asked(registered, hubctl, tokens, big_folder, monkeypatch):
+def test_push_one_file_at_a_time_when_asked(registered, hubctl, tokens, big_folder, monkeypatch):  # noqa: F811
     monkeypatch.setattr("hub.cli.files.PARALLEL_FILES", 1)
     rec = Recorder(monkeypatch, delay=0.05)
     r = hubctl("push", big_folder, "--base", "tiny-base", "--name", "alice/serial", token=tokens["alice"])
@@ -126,7 +125,7 @@ def test_push_one_file_at_a_time_when_asked(registered, hubctl, tokens, big_fold
 
 
 @live
-def test_an_interrupted_push_resumes_with_the_missing_files_only(registered, hubctl, tokens, big_folder,
+def test_an_interrupted_push_resumes_with_the_missing_files_only(registered, hubctl, tokens, big_folder,  # noqa: F811
                                                                  monkeypatch):
     from hub.cli.client import Client
 
@@ -177,7 +176,7 @@ def test_an_interrupted_push_resumes_with_the_missing_files_only(registered, hub
 
 
 @live
-def test_a_file_that_changes_while_it_travels_is_refused(registered, hubctl, tokens, big_folder, monkeypatch):
+def test_a_file_that_changes_while_it_travels_is_refused(registered, hubctl, tokens, big_folder, monkeypatch):  # noqa: F811
     import hub.cli.files as files
 
     real = files.sha256_file
