@@ -9,6 +9,8 @@ body goes through the same upload handler as a multipart file
 past `MAX_UPLOAD_BYTES`, hashed as it arrives), then is linked into the store.
 """
 
+import io
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers
@@ -54,8 +56,6 @@ class Upload(ApiView):
         uploaded = request.FILES.get("file")
         try:
             if uploaded is None:  # an empty body: an empty file
-                import io
-
                 upload = IncomingFile(path=sha256, fileobj=io.BytesIO(b""))
             else:
                 upload = IncomingFile(path=sha256, fileobj=uploaded, sha256=getattr(uploaded, "sha256", None),
