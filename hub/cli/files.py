@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 
 from hub.cli import progress
-from hub.cli.client import API, Client, ServerError, adapter_path, file_path
+from hub.cli.client import API, Client, ServerError, UserError, adapter_path, file_path, raise_for_status
 
 # Uploads and downloads may take long; only connecting must be quick.
 TRANSFER_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=600.0, pool=10.0)
@@ -136,8 +136,12 @@ def stage_file(c: Client, source: Source, bar: progress.TransferBar) -> tuple[st
         bar.advance(size)
         return sha, "present"
     body = source if isinstance(source, bytes) else _pieces(source, bar)
-    c.request("PUT", url, content=body, timeout=TRANSFER_TIMEOUT,
-              headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+    response = c._send("PUT", url, content=body, timeout=TRANSFER_TIMEOUT,
+                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+    if response.status_code in (404, 405):  # a hub older than this hubctl: no staged uploads
+        raise UserError(f"The hub at {c.url} does not take staged uploads (PUT {API}/uploads/...): "
+                        "it is older than this hubctl. Upgrade the hub, or push with the hubctl of its version.")
+    raise_for_status(response)
     if isinstance(source, bytes):
         bar.advance(size)
     return sha, "uploaded"

@@ -202,3 +202,17 @@ def test_base_add_stages_its_files_and_resumes(hub, hubctl, tokens, tiny_base_di
                          1, "already registered")
     assert_clean_failure(hubctl("base", "add", "by-alice", "--weights", tiny_base_dir, token=tokens["alice"]),
                          1, "Only staff")
+
+
+@live
+def test_a_hub_without_staged_uploads_is_named_as_too_old(registered, hubctl, tokens, adapter_dir,  # noqa: F811
+                                                          monkeypatch):
+    class OldHub(REAL_CLIENT):
+        def send(self, request, **kwargs):
+            if "/api/v1/uploads/" in request.url.path:  # what a hub before staged uploads answers
+                return httpx.Response(404, json={"error": "not_found", "detail": "Not found."}, request=request)
+            return super().send(request, **kwargs)
+
+    monkeypatch.setattr("hub.cli.client.httpx.Client", OldHub)
+    r = hubctl("push", adapter_dir, "--base", "tiny-base", "--name", "alice/old", token=tokens["alice"])
+    assert_clean_failure(r, 1, "does not take staged uploads", "older than this hubctl")
