@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -216,3 +217,45 @@ def test_a_hub_without_staged_uploads_is_named_as_too_old(registered, hubctl, to
     monkeypatch.setattr("hub.cli.client.httpx.Client", OldHub)
     r = hubctl("push", adapter_dir, "--base", "tiny-base", "--name", "alice/old", token=tokens["alice"])
     assert_clean_failure(r, 1, "does not take staged uploads", "older than this hubctl")
+
+
+@live
+def test_push_reads_files_in_pieces_never_whole(registered, hubctl, tokens, big_folder, monkeypatch):  # noqa: F811
+    """Memory stays flat: every read of a pushed file, to hash it or to send it, asks for one piece."""
+    import builtins
+
+    import hub.cli.files as files
+
+    big = big_folder / "big.txt"
+    big.write_bytes(os.urandom(3 * files.PIECE + 123))  # several pieces
+    asked: list[int] = []
+    real_open = builtins.open
+
+    class Spy:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self._f.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def spying_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Spy(f) if str(path) == str(big) and "b" in mode else f
+
+    monkeypatch.setattr(builtins, "open", spying_open)
+    r = hubctl("push", big_folder, "--base", "tiny-base", "--name", "alice/big", token=tokens["alice"])
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert r.code == 0, r.err
+    assert len(asked) >= 2 * 4  # hashed and sent, piece by piece
+    assert all(0 < n <= files.PIECE for n in asked), sorted(set(asked))
+    assert revision_files("alice/big", tokens["alice"])["big.txt"] == sha256(big.read_bytes())
