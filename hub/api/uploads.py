@@ -45,7 +45,8 @@ class Upload(ApiView):
 
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},
-        responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400), 411: error(400, "No Content-Length: send the file with one."), 413: error(413)},
+        responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400),
+                   411: error(400, "No Content-Length: send the file with one."), 413: error(413)},
         description="Stage one file for a commit: the raw body, whose sha256 must be the one in the URL. "
                     "201 when newly staged, 200 when this user had staged it already.",
     )
