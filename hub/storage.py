@@ -323,13 +323,20 @@ def copy_to_path(blob: Blob, dest: str | os.PathLike) -> Path:
     return dest
 
 
-def _referenced(blob: Blob) -> bool:
-    from hub.registry.models import Adapter, BaseModelFile, Job, RevisionFile
+def _referenced(blob: Blob, staged_since: datetime | None = None) -> bool:
+    """Whether anything keeps the blob: a revision, a base model, an adapter's
+    seeds, an unfinished job's checkpoint, or a staged upload (with
+    `staged_since`, only one touched since then)."""
+    from hub.registry.models import Adapter, BaseModelFile, Job, RevisionFile, StagedUpload
 
+    staged = StagedUpload.objects.filter(blob=blob)
+    if staged_since is not None:
+        staged = staged.filter(touched_at__gte=staged_since)
     if (
         RevisionFile.objects.filter(blob=blob).exists()
         or BaseModelFile.objects.filter(blob=blob).exists()
         or Adapter.objects.filter(seeds=blob).exists()
+        or staged.exists()
     ):
         return True
     unfinished = Job.objects.exclude(status__in=Job.FINISHED).exclude(checkpoints={})
@@ -337,8 +344,8 @@ def _referenced(blob: Blob) -> bool:
 
 
 def delete_unreferenced(blobs: list[Blob]) -> int:
-    """Delete the blobs that no revision, base model, adapter's seeds or
-    unfinished job's checkpoint refers to; returns the count.
+    """Delete the blobs that no revision, base model, adapter's seeds,
+    unfinished job's checkpoint or staged upload refers to; returns the count.
 
     One transaction per blob, whose first statement locks the row: a put of
     the same bytes holds that lock until its reference commits, so the check
@@ -377,13 +384,38 @@ def _stored_files() -> Iterator[tuple[str, datetime]]:
             yield path.relative_to(root.parent).as_posix(), modified
 
 
+def expire_staged(cutoff: datetime, dry_run: bool = False) -> list[str]:
+    """Drop staged uploads untouched since `cutoff` (a push never committed),
+    then each one's blob if nothing else keeps it; returns the deleted blobs' keys.
+
+    A staged row goes only if it is still untouched when its DELETE runs: a
+    commit or HEAD that touches it first keeps it (PostgreSQL re-checks the
+    WHERE on the row it waited for), and one that comes after finds no row."""
+    from hub.registry.models import StagedUpload
+
+    removed = []
+    expired = StagedUpload.objects.filter(touched_at__lt=cutoff).select_related("blob").order_by("pk")
+    for staged in list(expired):
+        blob = staged.blob
+        if dry_run:
+            if not _referenced(blob, staged_since=cutoff) and blob.key not in removed:
+                removed.append(blob.key)
+            continue
+        gone, _ = StagedUpload.objects.filter(pk=staged.pk, touched_at__lt=cutoff).delete()
+        if gone and delete_unreferenced([blob]):
+            removed.append(blob.key)
+    return removed
+
+
 def collect_garbage(grace_seconds: float, dry_run: bool = False) -> list[str]:
     """Delete stored blob files that have no Blob row and were written more
     than `grace_seconds` ago (a crashed upload's bytes, a delete whose commit
-    failed); returns their keys. The grace spares files of uploads in flight;
-    the placeholder row of `_delete_unless_held` spares a put that starts now."""
+    failed), and staged uploads untouched for as long with their blobs when
+    nothing else keeps them (a push never committed); returns their keys. The
+    grace spares files of uploads in flight; the placeholder row of
+    `_delete_unless_held` spares a put that starts now."""
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
-    removed = []
+    removed = expire_staged(cutoff, dry_run=dry_run)
     spool = None if is_s3() else Path(_storage().location) / UPLOAD_DIR
     for path in spool.iterdir() if spool is not None and spool.is_dir() else ():
         try:  # a spooled upload whose process died: no request holds it any more

@@ -2,6 +2,7 @@ from rest_framework import serializers
 
 from hub.registry.models import Adapter, BaseModel, Job, Revision, RevisionFile, Webhook, WebhookDelivery
 from hub.registry.selectors import refs_of
+from hub.registry.services import MAX_FILES
 
 
 class BaseModelSerializer(serializers.ModelSerializer):
@@ -138,6 +139,31 @@ class AdapterCreateSerializer(serializers.Serializer):
     description = serializers.CharField(required=False, allow_blank=True, default="")
     files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), min_length=1)
     seeds = serializers.FileField(required=False, allow_empty_file=False)
+
+
+SHA256_RE = r"^[0-9a-f]{64}$"
+
+
+class StagedFileSerializer(serializers.Serializer):
+    path = serializers.CharField(max_length=300)
+    sha256 = serializers.RegexField(SHA256_RE, help_text="of a blob staged with PUT /api/v1/uploads/{sha256}")
+
+
+def staged_file_list():
+    return StagedFileSerializer(many=True, min_length=1, max_length=MAX_FILES)
+
+
+class AdapterCommitSerializer(AdapterCreateSerializer):
+    """A new adapter whose files were staged first: named by path and sha256 (JSON)."""
+
+    files = staged_file_list()
+    seeds = serializers.RegexField(SHA256_RE, required=False, help_text="sha256 of the staged seed JSONL")
+
+
+class BaseModelCommitSerializer(BaseModelCreateSerializer):
+    """A base model whose files were staged first: named by path and sha256 (JSON)."""
+
+    files = staged_file_list()
 
 
 class AdapterPatchSerializer(serializers.Serializer):

@@ -4,6 +4,7 @@ from . import errors, views
 from . import jobs as job_views
 from . import ops as op_views
 from . import tokens as token_views
+from . import uploads as upload_views
 from . import webhooks as webhook_views
 
 app_name = "api"
@@ -24,6 +25,7 @@ urlpatterns = [
     re_path(rf"^adapters/{OWNER_NAME}/lineage$", views.Lineage.as_view(), name="lineage"),
     re_path(rf"^adapters/{OWNER_NAME}/files/(?P<path>.+)$", views.AdapterFile.as_view(), name="adapter-file"),
     re_path(rf"^adapters/{OWNER_NAME}/jobs$", job_views.AdapterJobs.as_view(), name="adapter-jobs"),
+    re_path(rf"^uploads/(?P<sha256>{upload_views.SHA256})$", upload_views.Upload.as_view(), name="upload"),
     path("ops", op_views.OpList.as_view(), name="op-list"),
     path("jobs/", job_views.JobList.as_view(), name="job-list"),
     path("jobs/<str:pk>/", job_views.JobDetail.as_view(), name="job-detail"),
@@ -35,5 +37,5 @@ urlpatterns = [
     path("webhooks/<str:pk>/deliveries", webhook_views.WebhookDeliveries.as_view(), name="webhook-deliveries"),
     # Last. Only the collections' own prefixes: other paths under api/v1/ fall through to the
     # HF-compatible routes (a repo `api/v1`).
-    re_path(r"^(?:me|tokens|ops|base-models|adapters|jobs|webhooks)(?:/[\s\S]*)?$", errors.no_such_route),
+    re_path(r"^(?:me|tokens|ops|base-models|adapters|jobs|webhooks|uploads)(?:/[\s\S]*)?$", errors.no_such_route),
 ]

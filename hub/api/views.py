@@ -1,11 +1,12 @@
 """REST API v1. Views stay thin: parse, call a service or selector, serialize.
 Visibility comes from `Adapter.objects.visible_to` (see AdapterScoped)."""
 
+from contextlib import ExitStack
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, permissions, status
-from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
 from hub.api import serializers as s
@@ -22,6 +23,11 @@ def incoming(uploaded) -> IncomingFile:
     return IncomingFile(
         path=uploaded.name, fileobj=uploaded, sha256=getattr(uploaded, "sha256", None), size=uploaded.size
     )
+
+
+def is_json(request) -> bool:
+    """A commit of staged files (JSON) rather than a multipart upload."""
+    return (request.content_type or "").split(";")[0].strip().lower() == "application/json"
 
 
 def split_tags(raw) -> list[str]:
@@ -46,7 +52,7 @@ class Me(ApiView):
 class BaseModelList(ApiView, generics.ListCreateAPIView):
     queryset = BaseModel.objects.select_related("successor").prefetch_related("files__blob")
     serializer_class = s.BaseModelSerializer
-    parser_classes = [MultiPartParser, FormParser]
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
 
     def get_queryset(self):
         qs = super().get_queryset()
@@ -55,18 +61,30 @@ class BaseModelList(ApiView, generics.ListCreateAPIView):
                 qs = qs.filter(**{field: self.request.query_params[field]})
         return qs
 
-    @extend_schema(request=s.BaseModelCreateSerializer,
-                   responses={201: s.BaseModelDetailSerializer, 409: error(409), 413: error(413)})
+    @extend_schema(request={"multipart/form-data": s.BaseModelCreateSerializer,
+                            "application/json": s.BaseModelCommitSerializer},
+                   responses={201: s.BaseModelDetailSerializer, 409: error(409), 413: error(413)},
+                   description="The files as multipart parts, or (JSON) named by path and sha256 after each was "
+                               "staged with PUT /api/v1/uploads/{sha256}.")
     def post(self, request):
         if not request.user.is_staff:
             return Response({"error": "forbidden", "detail": "Only staff may register base models."}, status=403)
-        ser = s.BaseModelCreateSerializer(data=request.data)
+        staged = is_json(request)
+        ser = (s.BaseModelCommitSerializer if staged else s.BaseModelCreateSerializer)(data=request.data)
         ser.is_valid(raise_exception=True)
-        base = services.base_model_register(
-            slug=ser.validated_data["slug"], family=ser.validated_data["family"],
-            version=ser.validated_data["version"], description=ser.validated_data["description"],
-            files=[incoming(f) for f in request.FILES.getlist("files")], user=request.user,
-        )
+        with ExitStack() as stack:
+            if staged:
+                entries = [(f["path"], f["sha256"]) for f in ser.validated_data["files"]]
+                files = services.staged_files(request.user, entries, stack)
+            else:
+                files = [incoming(f) for f in request.FILES.getlist("files")]
+            base = services.base_model_register(
+                slug=ser.validated_data["slug"], family=ser.validated_data["family"],
+                version=ser.validated_data["version"], description=ser.validated_data["description"],
+                files=files, user=request.user,
+            )
+        if staged:
+            services.unstage(request.user, [sha for _, sha in entries])
         return Response(s.BaseModelDetailSerializer(base).data, status=status.HTTP_201_CREATED)
 
 
@@ -109,7 +127,7 @@ class BaseModelDeprecate(ApiView):
 
 class AdapterList(ApiView, generics.ListAPIView):
     serializer_class = s.AdapterSerializer
-    parser_classes = [MultiPartParser, FormParser]
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
 
     @extend_schema(parameters=[
         OpenApiParameter("base_model", str), OpenApiParameter("q", str), OpenApiParameter("tag", str),
@@ -135,12 +153,17 @@ class AdapterList(ApiView, generics.ListAPIView):
         text = {k: qp.get(k, "") for k in ("q", "base_model", "tag", "kind", "owner", "dtype", "target_module")}
         return selectors.adapter_search(self.request.user, **text, **numbers, sort=sort)
 
-    @extend_schema(request={"multipart/form-data": s.AdapterCreateSerializer},
-                   responses={201: s.AdapterDetailSerializer, 409: error(409), 413: error(413)})
+    @extend_schema(request={"multipart/form-data": s.AdapterCreateSerializer,
+                            "application/json": s.AdapterCommitSerializer},
+                   responses={201: s.AdapterDetailSerializer, 409: error(409), 413: error(413)},
+                   description="The files (and seeds) as multipart parts, or (JSON) named by path and sha256 after "
+                               "each was staged with PUT /api/v1/uploads/{sha256}; validated and stored the same "
+                               "way, atomically.")
     def post(self, request):
         if not request.user.is_authenticated:
             raise services.Forbidden("Sign in (a token) to upload.")
-        ser = s.AdapterCreateSerializer(data=request.data)
+        staged = is_json(request)
+        ser = (s.AdapterCommitSerializer if staged else s.AdapterCreateSerializer)(data=request.data)
         ser.is_valid(raise_exception=True)
         owner, name = ser.validated_data["name"].split("/", 1)
         base = BaseModel.objects.filter(slug=ser.validated_data["base_model"]).first()
@@ -149,13 +172,23 @@ class AdapterList(ApiView, generics.ListAPIView):
                 "unknown_base_model", selectors.unknown_base_detail(ser.validated_data["base_model"]),
                 field="base_model",
             )
-        seeds = request.FILES.get("seeds")
-        services.adapter_create_from_upload(
-            owner=owner, name=name, base=base, user=request.user,
-            files=[incoming(f) for f in request.FILES.getlist("files")],
-            visibility=ser.validated_data["visibility"], tags=split_tags(ser.validated_data["tags"]),
-            description=ser.validated_data["description"], seeds=incoming(seeds) if seeds else None,
-        )
+        with ExitStack() as stack:
+            if staged:
+                entries = [(f["path"], f["sha256"]) for f in ser.validated_data["files"]]
+                if ser.validated_data.get("seeds"):
+                    entries.append(("seeds", ser.validated_data["seeds"]))
+                files = services.staged_files(request.user, entries, stack)
+                seeds = files.pop() if ser.validated_data.get("seeds") else None
+            else:
+                files = [incoming(f) for f in request.FILES.getlist("files")]
+                seeds = incoming(request.FILES["seeds"]) if request.FILES.get("seeds") else None
+            services.adapter_create_from_upload(
+                owner=owner, name=name, base=base, user=request.user, files=files,
+                visibility=ser.validated_data["visibility"], tags=split_tags(ser.validated_data["tags"]),
+                description=ser.validated_data["description"], seeds=seeds,
+            )
+        if staged:
+            services.unstage(request.user, [sha for _, sha in entries])
         adapter = Adapter.objects.get(owner=owner, name=name)
         return Response(s.AdapterDetailSerializer(adapter).data, status=status.HTTP_201_CREATED)
 

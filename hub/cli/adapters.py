@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 
 from hub.cli import progress, verdicts
@@ -18,7 +17,7 @@ from hub.cli.client import (
     repo_id,
     slug,
 )
-from hub.cli.files import TRANSFER_TIMEOUT, pull_files
+from hub.cli.files import TRANSFER_TIMEOUT, pull_files, push_files
 from hub.cli.output import (
     dump_json,
     fmt_metrics,
@@ -76,34 +75,41 @@ def cmd_push(args) -> int:
     declared_config = qalora_declared_config(folder / ADAPTER_CONFIG, args.qalora_group_size)
     data = {"name": f"{owner}/{name}", "base_model": slug(args.base), "visibility": "private" if args.private else "public",
             "tags": args.tags or "", "description": description}
+    # Each file goes up on its own (several at once, those the hub has skipped), then one commit names them all.
+    paths = [p.name for p in files]
+    sources = [declared_config if declared_config and p.name == ADAPTER_CONFIG else p for p in files]
+    if args.card:
+        paths.append("README.md")
+        sources.append(card)
+    if seeds:
+        sources.append(seeds)
     with Client() as c:
-        # Ask first: the server reads the whole body before it can refuse.
+        # Ask first: nothing should travel for a push the server will refuse.
         if exists(c, adapter_path(args.name) + "/"):
             raise UserError(f"{owner}/{name} already exists on {c.url}. Push under a new name, or delete it first.")
         c.get(f"{API}/base-models/{args.base}/")  # unknown base: the server's message, before the upload
-        total = sum(p.stat().st_size for p in files if not (declared_config and p.name == ADAPTER_CONFIG))
-        total += card.stat().st_size if args.card else 0
-        total += seeds.stat().st_size if seeds else 0
-        with ExitStack() as stack:
-            bar = stack.enter_context(progress.TransferBar(total, f"push {owner}/{name}"))
-            parts = [("files", (p.name, declared_config if declared_config and p.name == ADAPTER_CONFIG
-                                else stack.enter_context(progress.ProgressFile(p, bar)), "application/octet-stream"))
-                     for p in files]
-            if args.card:
-                parts.append(("files", ("README.md", stack.enter_context(progress.ProgressFile(card, bar)), "text/markdown")))
-            if seeds:
-                parts.append(("seeds", (seeds.name, stack.enter_context(progress.ProgressFile(seeds, bar)),
-                                        "application/jsonl")))
-            try:
-                adapter = c.json("POST", f"{API}/adapters/", data=data, files=parts, timeout=TRANSFER_TIMEOUT)
-            except UserError as exc:
-                if "already exists" in exc.message:
-                    raise UserError(f"{owner}/{name} already exists. Push under a new name, or delete it first.") from None
-                raise
+        c.get(f"{API}/me")  # no token or a bad one: the server's message, before the upload
+        shas, states = push_files(c, sources, f"push {owner}/{name}")
+        data["files"] = [{"path": p, "sha256": sha} for p, sha in zip(paths, shas, strict=False)]
+        if seeds:
+            data["seeds"] = shas[-1]
+        try:
+            adapter = c.json("POST", f"{API}/adapters/", json=data, timeout=TRANSFER_TIMEOUT)
+        except UserError as exc:
+            if "already exists" in exc.message:
+                raise UserError(f"{owner}/{name} already exists. Push under a new name, or delete it first.") from None
+            raise
+    note_present(states)
     sha = (adapter.get("refs") or {}).get("main", "")
     out(f"Pushed {adapter['id']} on {adapter['base_model']}: revision {sha} (main), "
         f"r={adapter.get('r')}, {human_size(adapter.get('size'))}.")
     return 0
+
+
+def note_present(states: list[str]) -> None:
+    present = states.count("present")
+    if present:
+        note(f"{present} of {len(states)} files were on the hub already (staged earlier or stored): not sent again.")
 
 
 def qalora_declared_config(config_path: Path, group_size: int | None) -> bytes | None:

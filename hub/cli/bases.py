@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 
-from hub.cli import progress, tables
-from hub.cli.adapters import local_files
+from hub.cli import tables
+from hub.cli.adapters import local_files, note_present
 from hub.cli.client import (
     API,
     Client,
     UserError,
     slug,
 )
-from hub.cli.files import TRANSFER_TIMEOUT
+from hub.cli.files import TRANSFER_TIMEOUT, push_files
 from hub.cli.output import (
     dump_json,
     human_size,
@@ -62,11 +61,20 @@ def cmd_base_add(args) -> int:
     data = {"slug": name, "family": args.family if args.family is not None else family,
             "version": args.version if args.version is not None else version, "description": args.description or ""}
     total = sum(p.stat().st_size for p in files)
-    with Client() as c, ExitStack() as stack:
-        bar = stack.enter_context(progress.TransferBar(total, f"base {name}"))
-        parts = [("files", (p.name, stack.enter_context(progress.ProgressFile(p, bar)), "application/octet-stream"))
-                 for p in files]
-        base = c.json("POST", f"{API}/base-models/", data=data, files=parts, timeout=TRANSFER_TIMEOUT)
+    with Client() as c:
+        me = c.get(f"{API}/me")  # no token or a bad one: the server's message, before the upload
+        if not me.get("is_staff"):
+            raise UserError("Only staff may register base models.")
+        try:
+            c.get(f"{API}/base-models/{name}/")
+        except UserError:
+            pass  # not registered yet: the usual case
+        else:
+            raise UserError(f"Base model '{name}' is already registered.")
+        shas, states = push_files(c, files, f"base {name}")
+        data["files"] = [{"path": p.name, "sha256": sha} for p, sha in zip(files, shas, strict=True)]
+        base = c.json("POST", f"{API}/base-models/", json=data, timeout=TRANSFER_TIMEOUT)
+    note_present(states)
     out(f"Registered base model {base['slug']}: {len(base.get('files') or files)} files, {human_size(total)}, "
         f"{len(base.get('manifest') or {})} tensors, sha {base.get('sha', '')[:12]}.")
     return 0

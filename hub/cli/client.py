@@ -183,17 +183,28 @@ class Client:
             f"Cannot reach the hub at {self.url} ({reason}). Is `hubctl serve` running? Set HUB_URL to its address."
         )
 
-    def request(self, method: str, path: str, *, timeout=None, **kwargs) -> httpx.Response:
+    def _send(self, method: str, path: str, *, timeout=None, **kwargs) -> httpx.Response:
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            response = self.http.request(method, path, **kwargs)
+            return self.http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
             raise ServerError(f"The hub at {self.url} did not answer in time ({type(exc).__name__}).") from None
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
+
+    def request(self, method: str, path: str, *, timeout=None, **kwargs) -> httpx.Response:
+        response = self._send(method, path, timeout=timeout, **kwargs)
         raise_for_status(response)
         return response
+
+    def found(self, path: str) -> bool:
+        """HEAD `path`: True on 2xx, False on 404; other answers raise like `request`."""
+        response = self._send("HEAD", path)
+        if response.status_code == 404:
+            return False
+        raise_for_status(response)
+        return True
 
     def json(self, method: str, path: str, **kwargs):
         response = self.request(method, path, **kwargs)

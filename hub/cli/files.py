@@ -1,6 +1,9 @@
-"""File transfers of `hubctl pull` (and `base add`/`push` timeouts): several
-files at once, each resumable from its `.incomplete` with a Range request and
-checked against the listed sha256, one byte bar with MB/s for them all."""
+"""File transfers of `hubctl pull`, `push` and `base add`: several files at
+once under one byte bar with MB/s. A download resumes from its `.incomplete`
+with a Range request and is checked against the listed sha256; an upload is
+staged on its own (`PUT /api/v1/uploads/{sha256}`, streamed from disk) unless
+the hub says it has it already (HEAD), so a re-run push resumes, and the
+caller then commits all the files by sha256 in one request."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 
 from hub.cli import progress
-from hub.cli.client import Client, ServerError, adapter_path, file_path
+from hub.cli.client import API, Client, ServerError, UserError, adapter_path, file_path, raise_for_status
 
 # Uploads and downloads may take long; only connecting must be quick.
 TRANSFER_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=600.0, pool=10.0)
@@ -103,3 +106,62 @@ def pull_files(c: Client, repo: str, rev: dict, dest: Path) -> list[str]:
         for i, fut in futures.items():
             states[i] = fut.result()  # the first failure is raised; the others finish or fail on their own
     return states
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+Source = Path | bytes  # a file on disk, or a few bytes made here (a declared config)
+
+
+def _size(source: Source) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _pieces(path: Path, bar: progress.TransferBar):
+    """The file in PIECE-sized reads, each moving the bar: httpx sends them as
+    they come, so memory holds one piece whatever the file's size."""
+    with progress.ProgressFile(path, bar) as f:
+        while chunk := f.read(PIECE):
+            yield chunk
+
+
+def stage_file(c: Client, source: Source, bar: progress.TransferBar) -> tuple[str, str]:
+    """(sha256, "present" | "uploaded"): the file staged on the hub for a commit."""
+    if isinstance(source, bytes):
+        sha, size = hashlib.sha256(source).hexdigest(), len(source)
+    else:
+        sha, size = sha256_file(source), source.stat().st_size
+    url = f"{API}/uploads/{sha}"
+    if c.found(url):
+        bar.advance(size)
+        return sha, "present"
+    body = source if isinstance(source, bytes) else _pieces(source, bar)
+    response = c._send("PUT", url, content=body, timeout=TRANSFER_TIMEOUT,
+                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+    if response.status_code in (404, 405):  # a hub older than this hubctl: no staged uploads
+        raise UserError(f"The hub at {c.url} does not take staged uploads (PUT {API}/uploads/...): "
+                        "it is older than this hubctl. Upgrade the hub, or push with the hubctl of its version.")
+    raise_for_status(response)
+    if isinstance(source, bytes):
+        bar.advance(size)
+    return sha, "uploaded"
+
+
+def push_files(c: Client, sources: list[Source], description: str) -> tuple[list[str], list[str]]:
+    """(sha256s, states) of the sources, in their order, each staged on the hub:
+    up to PARALLEL_FILES at once, the largest first, under one bar. The first
+    failure is raised once the files already travelling have finished; files
+    not started yet are not sent (a re-run sends them, and skips the rest)."""
+    order = sorted(range(len(sources)), key=lambda i: -_size(sources[i]))
+    shas, states = [""] * len(sources), [""] * len(sources)
+    with progress.TransferBar(sum(_size(s) for s in sources), description) as bar, \
+            ThreadPoolExecutor(max(1, min(PARALLEL_FILES, len(sources)))) as pool:
+        futures = {i: pool.submit(stage_file, c, sources[i], bar) for i in order}
+        try:
+            for i, fut in futures.items():
+                shas[i], states[i] = fut.result()
+        except BaseException:
+            for fut in futures.values():
+                fut.cancel()
+            raise
+    return shas, states

@@ -104,6 +104,30 @@ class Blob(models.Model):
         return f"{self.sha256[:12]} ({self.size} B)"
 
 
+def _now():
+    from django.utils import timezone
+
+    return timezone.now()
+
+
+class StagedUpload(models.Model):
+    """A blob one user uploaded on its own (`PUT /api/v1/uploads/{sha256}`) for a
+    commit still to come. It lets that user, and only that user, name the blob
+    by its sha256 in a commit; `gc_blobs` drops it once `touched_at` is older
+    than its grace, and with it the blob if nothing else refers to it."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="staged_uploads")
+    blob = models.ForeignKey(Blob, on_delete=models.CASCADE, related_name="staged")
+    # Set by the upload, and again by each HEAD and commit that finds it: a resumed push keeps it alive.
+    touched_at = models.DateTimeField(default=_now, db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "blob"], name="unique_staged_upload")]
+
+    def __str__(self):
+        return f"{self.blob_id[:12]} staged by {self.user_id}"
+
+
 class BaseModel(models.Model):
     STATUS = [("active", "active"), ("deprecated", "deprecated"), ("retired", "retired")]
 

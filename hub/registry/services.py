@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import BinaryIO
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from hub.errors import HubError
@@ -28,6 +29,7 @@ from .models import (
     Ref,
     Revision,
     RevisionFile,
+    StagedUpload,
     Tag,
     repo_name_problem,
 )
@@ -128,6 +130,71 @@ def token_create(*, user, name: str = "default", expires: str | None = None) -> 
     lifetime = token_lifetime(expires)
     _, raw = ApiToken.issue(user, name=name, expires_at=None if lifetime is None else timezone.now() + lifetime)
     return raw
+
+
+# --- staged uploads ---------------------------------------------------------------
+
+
+def stage_upload(*, user, sha256: str, upload: IncomingFile) -> tuple[Blob, bool]:
+    """Keep one file a user uploaded on its own (`PUT /api/v1/uploads/{sha256}`)
+    for a commit to come: (its blob, whether this user had not staged it yet).
+
+    The body's hash, taken while it was spooled, must be the sha256 the caller
+    named: anything else is refused before a row or a blob is written. Bytes
+    the store has already are not written again, but the caller had to send
+    them: knowing a hash never grants a blob."""
+    upload.ensure_hashed()
+    if upload.sha256 != sha256:
+        raise ValidationError("sha256_mismatch", f"The body's sha256 is {upload.sha256}, not {sha256} as the URL says; "
+                              "nothing was kept.", field="sha256")
+    with blob_batch() as batch, transaction.atomic():
+        blob = batch.put(upload.fileobj, upload.sha256, upload.size)
+        _, created = StagedUpload.objects.update_or_create(user=user, blob=blob,
+                                                           defaults={"touched_at": timezone.now()})
+    return blob, created
+
+
+def usable_blobs(user, shas) -> dict[str, Blob]:
+    """The blobs among `shas` that `user` may name in a commit: staged by that
+    user (touched now, so `gc_blobs` keeps them a grace period longer), or
+    already readable by that user (a file of a visible adapter's revision or of
+    a base model). Another user's staged or private bytes are not among them."""
+    shas = sorted(set(shas))
+    if not shas or user is None or not user.is_authenticated:
+        return {}
+    StagedUpload.objects.filter(user=user, blob_id__in=shas).update(touched_at=timezone.now())
+    readable = (Q(staged__user=user) | Q(base_files__isnull=False)
+                | Q(revision_files__revision__adapter__in=Adapter.objects.visible_to(user)))
+    return {b.sha256: b for b in Blob.objects.filter(sha256__in=shas).filter(readable).distinct()}
+
+
+def staged_files(user, entries: list[tuple[str, str]], stack) -> list[IncomingFile]:
+    """(path, sha256) pairs of a commit -> uploaded files whose streams read the
+    stored blobs (closed by `stack`), for the same validation and storing as a
+    multipart upload's. A sha256 the user may not use is a 400 `unknown_upload`."""
+    from hub.storage import open_blob
+
+    if len(entries) > MAX_FILES + 1:  # the files and the seeds
+        raise ValidationError("too_many_files", f"At most {MAX_FILES} files per upload.", field="files")
+    blobs = usable_blobs(user, [sha for _, sha in entries])
+    files = []
+    for path, sha in entries:
+        blob = blobs.get(sha)
+        if blob is None:
+            raise ValidationError("unknown_upload", f"{path}: no upload {sha} of yours is waiting; upload it with "
+                                  f"PUT /api/v1/uploads/{sha} first.", field=path)
+        try:
+            fh = stack.enter_context(open_blob(blob))
+        except OSError:  # a row whose file was lost: the bytes must come again
+            raise ValidationError("unknown_upload", f"{path}: the hub lost the bytes of {sha}; upload them again with "
+                                  f"PUT /api/v1/uploads/{sha}.", field=path) from None
+        files.append(IncomingFile(path=path, fileobj=fh, sha256=blob.sha256, size=blob.size))
+    return files
+
+
+def unstage(user, shas) -> None:
+    """A commit took these blobs: their staging rows have done their job."""
+    StagedUpload.objects.filter(user=user, blob_id__in=list(shas)).delete()
 
 
 # --- base models -----------------------------------------------------------------

@@ -1,6 +1,8 @@
 """`python manage.py gc_blobs [--grace-seconds N] [--dry-run]`: delete stored
 blob files that have no Blob row (left by a crash) and are older than the
-grace period. Celery beat runs the same daily (workers.reaper.gc_blobs)."""
+grace period, and staged uploads (`PUT /api/v1/uploads/{sha256}`) untouched
+for as long, with their blobs unless something else refers to them (a push
+never committed). Celery beat runs the same daily (workers.reaper.gc_blobs)."""
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -8,7 +10,8 @@ from hub.storage import GC_GRACE_SECONDS, collect_garbage
 
 
 class Command(BaseCommand):
-    help = "Delete blob files without a Blob row that are older than the grace period."
+    help = ("Delete blob files without a Blob row, and staged uploads never committed, older than the grace "
+            "period.")
 
     def add_arguments(self, parser):
         parser.add_argument("--grace-seconds", type=float, default=GC_GRACE_SECONDS,
@@ -23,4 +26,4 @@ class Command(BaseCommand):
         for key in removed:
             self.stdout.write(key)
         verb = "would delete" if dry_run else "deleted"
-        self.stderr.write(f"gc_blobs: {verb} {len(removed)} file(s) without a row.")
+        self.stderr.write(f"gc_blobs: {verb} {len(removed)} file(s) without a row or only staged.")

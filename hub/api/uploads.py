@@ -1,0 +1,82 @@
+"""Staged uploads: `PUT /api/v1/uploads/{sha256}` takes one file as the raw
+request body, `HEAD` says whether the caller may already name it in a commit.
+
+`hubctl push` and `base add` send a folder's files this way, several at once,
+skipping those the hub has (a re-run resumes), then make one commit naming
+them by sha256 (`POST /api/v1/adapters/` or `base-models/` with JSON). The
+body goes through the same upload handler as a multipart file
+(`HashingUploadHandler`: spooled into the blob store's folder, counted, 413
+past `MAX_UPLOAD_BYTES`, hashed as it arrives), then is linked into the store.
+"""
+
+import io
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import permissions, serializers
+from rest_framework.parsers import FileUploadParser
+from rest_framework.response import Response
+
+from hub.api.base import ApiView
+from hub.api.schema import error
+from hub.registry import services
+from hub.registry.services import IncomingFile
+from hub.registry.validation import ValidationError
+
+SHA256 = r"[0-9a-f]{64}"
+
+
+class RawBodyParser(FileUploadParser):
+    """The whole body is the file, named after the sha256 in the URL (no
+    Content-Disposition needed), read by the configured upload handlers."""
+
+    def get_filename(self, stream, media_type, parser_context):
+        return parser_context["kwargs"]["sha256"]
+
+
+class StagedSerializer(serializers.Serializer):
+    sha256 = serializers.CharField()
+    size = serializers.IntegerField()
+
+
+class Upload(ApiView):
+    permission_classes = [permissions.IsAuthenticated]
+    parser_classes = [RawBodyParser]
+
+    @extend_schema(
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400),
+                   411: error(400, "No Content-Length: send the file with one."), 413: error(413)},
+        description="Stage one file for a commit: the raw body, whose sha256 must be the one in the URL. "
+                    "201 when newly staged, 200 when this user had staged it already.",
+    )
+    def put(self, request, sha256):
+        if not request.META.get("CONTENT_LENGTH"):  # a chunked body would read as empty
+            return Response({"error": "length_required", "detail": "Send the file with a Content-Length header."},
+                            status=411)
+        uploaded = request.FILES.get("file")
+        try:
+            if uploaded is None:  # an empty body: an empty file
+                upload = IncomingFile(path=sha256, fileobj=io.BytesIO(b""))
+            else:
+                upload = IncomingFile(path=sha256, fileobj=uploaded, sha256=getattr(uploaded, "sha256", None),
+                                      size=uploaded.size)
+            if upload.size is not None and int(request.META["CONTENT_LENGTH"]) != upload.size:
+                raise ValidationError("incomplete_body", f"The body has {upload.size} bytes, not the "
+                                      f"{request.META['CONTENT_LENGTH']} its Content-Length says; nothing was kept.")
+            blob, created = services.stage_upload(user=request.user, sha256=sha256, upload=upload)
+        finally:
+            if uploaded is not None:
+                uploaded.close()  # the spooled temporary file: linked into the store or gone
+        return Response({"sha256": blob.sha256, "size": blob.size}, status=201 if created else 200)
+
+    @extend_schema(
+        responses={200: OpenApiResponse(description="This user staged the blob, or may read it already."),
+                   404: OpenApiResponse(description="Not staged by this user (send it with PUT).")},
+        description="Whether a commit of this user may name the blob without sending it again.",
+    )
+    def head(self, request, sha256):
+        blob = services.usable_blobs(request.user, [sha256]).get(sha256)
+        if blob is None:
+            return Response(status=404)
+        return Response(status=200, headers={"ETag": f'"{blob.sha256}"', "X-Blob-Size": str(blob.size)})
