@@ -261,13 +261,25 @@ def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_do
             assert hashlib.sha256(f.read(1 << 20)).digest() == hashlib.sha256(out.open("rb").read(1 << 20)).digest()
         out.unlink()
 
-        # hubctl base add: the CLI's streamed multipart upload into the same spool (the bytes dedupe
-        # to the stored blob, so the commit is a no-op: this times the transfer, hashing and header check).
+        # hubctl base add: the CLI's staged upload (hash, HEAD, PUT of the raw body, commit). Its
+        # bytes must be new to the hub, or the HEAD finds them and nothing is sent: a copy with its
+        # last byte changed (untimed), which keeps the safetensors header valid.
+        cli_dir = work / "cli-base"
+        cli_dir.mkdir(exist_ok=True)
+        for f in weights.parent.iterdir():
+            shutil.copyfile(f, cli_dir / f.name)
+        with open(cli_dir / weights.name, "r+b") as fh:
+            fh.seek(-1, os.SEEK_END)
+            last = fh.read(1)
+            fh.seek(-1, os.SEEK_END)
+            fh.write(bytes([last[0] ^ 1]))
+        os.sync()
         cli_env = {**os.environ, "HUB_URL": url, "HUB_TOKEN": token, "PYTHONPATH": str(root)}
         step("hubctl base add", lambda: subprocess.run(
             [sys.executable, "-c", "import sys; from hub.cli.main import main; sys.exit(main(sys.argv[1:]))",
-             "base", "add", "bench-base-cli", "--weights", str(weights.parent)],
+             "base", "add", "bench-base-cli", "--weights", str(cli_dir)],
             env=cli_env, check=True, capture_output=True))
+        shutil.rmtree(cli_dir)
 
         hf_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         hf_env.update(HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",

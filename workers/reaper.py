@@ -105,7 +105,7 @@ def reap_task() -> dict[str, int]:
 
 @app.task(name="workers.reaper.gc_blobs", ignore_result=True)
 def gc_blobs_task() -> int:
-    """`manage.py gc_blobs` on a schedule: blob files without a row, older than BLOB_GC_GRACE seconds."""
+    """`manage.py gc_blobs` on a schedule: blob files without a row, and staged uploads no commit named, older than BLOB_GC_GRACE seconds."""
     from hub.storage import GC_GRACE_SECONDS, collect_garbage
 
     removed = collect_garbage(float(knob("BLOB_GC_GRACE", GC_GRACE_SECONDS)))
