@@ -371,6 +371,7 @@ http {{
         location /api/v1/uploads/ {{
             client_body_temp_path {blobs}/.nginx-body 1 2;
             client_body_in_file_only clean;
+            client_body_buffer_size 1m;
             client_max_body_size 0;
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
