@@ -338,3 +338,16 @@ def test_gunicorn_without_upload_accel_refuses_nginxs_header(transactional_db, s
         assert not Blob.objects.filter(sha256=sha256(data)).exists()
     finally:
         next(gen, None)
+
+
+def test_on_s3_the_front_servers_file_is_uploaded_from_its_path(accel):
+    """The S3 commit (boto3's managed upload) reads a file by its path when the
+    file object names one: nginx's file is sent from where it lies, like the
+    hub's own spool (no S3 run here: the same `_source_path` rule)."""
+    from hub.registry.uploads import open_front_server_upload
+    from hub.storage import _source_path, _spooled_path
+
+    tmp = accel / "0000000005"
+    tmp.write_bytes(b"x" * 100)
+    with open_front_server_upload(str(tmp)) as f:
+        assert _source_path(f) == str(tmp) == _spooled_path(f)
