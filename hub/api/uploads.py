@@ -52,13 +52,6 @@ class Upload(ApiView):
     permission_classes = [permissions.IsAuthenticated]
     parser_classes = [RawBodyParser]
 
-    @extend_schema(
-        request={"application/octet-stream": OpenApiTypes.BINARY},
-        responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400),
-                   411: error(400, "No Content-Length: send the file with one."), 413: error(413)},
-        description="Stage one file for a commit: the raw body, whose sha256 must be the one in the URL. "
-                    "201 when newly staged, 200 when this user had staged it already.",
-    )
     def initial(self, request, *args, **kwargs):
         # Before anything reads the body: a file name from the client is never followed.
         if request.method == "PUT" and "HTTP_X_UPLOAD_FILE" in request.META and settings.UPLOAD_ACCEL != "nginx":
@@ -66,6 +59,13 @@ class Upload(ApiView):
                                   "front server (UPLOAD_ACCEL=nginx); send the file as the body.")
         super().initial(request, *args, **kwargs)
 
+    @extend_schema(
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400),
+                   411: error(400, "No Content-Length: send the file with one."), 413: error(413)},
+        description="Stage one file for a commit: the raw body, whose sha256 must be the one in the URL. "
+                    "201 when newly staged, 200 when this user had staged it already.",
+    )
     def put(self, request, sha256):
         if settings.UPLOAD_ACCEL == "nginx" and "HTTP_X_UPLOAD_FILE" in request.META:
             return self._put_front_server_file(request, sha256, request.META["HTTP_X_UPLOAD_FILE"])

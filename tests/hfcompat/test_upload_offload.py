@@ -198,6 +198,14 @@ def test_settings_refuse_an_unknown_mode_or_a_missing_root(monkeypatch):
         assert r.returncode != 0 and needle in r.stderr, r.stderr[-500:]
 
 
+def test_the_put_operation_keeps_its_schema(client):
+    """The refusal hook sits beside `put`, not under its schema decorator."""
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    put = next(op["put"] for path, op in schema["paths"].items() if path.startswith("/api/v1/uploads/"))
+    assert {"200", "201", "400", "411", "413"} <= set(put["responses"])
+    assert "application/octet-stream" in put["requestBody"]["content"]
+
+
 # --- through a real nginx in front of a real gunicorn ---------------------------------------------
 
 
