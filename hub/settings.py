@@ -152,6 +152,18 @@ BLOB_ACCEL = env.str("BLOB_ACCEL", default="")
 BLOB_ACCEL_PREFIX = env.str("BLOB_ACCEL_PREFIX", default="/_blobs/")
 if BLOB_ACCEL not in ("", "x-accel-redirect", "x-sendfile"):
     raise ImproperlyConfigured(f"BLOB_ACCEL={BLOB_ACCEL!r}: use x-accel-redirect, x-sendfile or leave it empty.")
+# Staged uploads behind nginx: "nginx" lets the front server store the body of
+# `PUT /api/v1/uploads/{sha256}` itself (client_body_in_file_only) and name
+# the file in X-Upload-File. Only then does the hub trust that header, and
+# only for a regular file under UPLOAD_ACCEL_ROOT (nginx's client_body_temp_path,
+# on the blob root's filesystem so the commit is a hard link). docs/deploy.md
+UPLOAD_ACCEL = env.str("UPLOAD_ACCEL", default="")
+UPLOAD_ACCEL_ROOT = env.str("UPLOAD_ACCEL_ROOT", default="")
+if UPLOAD_ACCEL not in ("", "nginx"):
+    raise ImproperlyConfigured(f"UPLOAD_ACCEL={UPLOAD_ACCEL!r}: use nginx or leave it empty.")
+if UPLOAD_ACCEL and not os.path.isabs(UPLOAD_ACCEL_ROOT):
+    raise ImproperlyConfigured(f"UPLOAD_ACCEL={UPLOAD_ACCEL} needs UPLOAD_ACCEL_ROOT, the absolute path of nginx's "
+                               f"client_body_temp_path for the upload location (got {UPLOAD_ACCEL_ROOT!r}).")
 if S3_BUCKET:
     STORAGES = {
         "default": {

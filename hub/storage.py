@@ -60,6 +60,21 @@ def hash_file(fileobj: BinaryIO) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def hash_open_file(fileobj: BinaryIO, chunk: int = BIG_CHUNK) -> tuple[str, int]:
+    """sha256 and size of an open regular file, from its start, in large reads
+    into one reused buffer (no allocation per piece; hashlib lets go of the GIL
+    on them): about sha256's own speed when the file is in the page cache."""
+    fileobj.seek(0)
+    h, size = hashlib.sha256(), 0
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    while n := fileobj.readinto(buf):
+        h.update(view[:n])
+        size += n
+    fileobj.seek(0)
+    return h.hexdigest(), size
+
+
 def _storage():
     return storages["default"]
 

@@ -7,10 +7,17 @@ them by sha256 (`POST /api/v1/adapters/` or `base-models/` with JSON). The
 body goes through the same upload handler as a multipart file
 (`HashingUploadHandler`: spooled into the blob store's folder, counted, 413
 past `MAX_UPLOAD_BYTES`, hashed as it arrives), then is linked into the store.
+
+With `UPLOAD_ACCEL=nginx` the front server stores the body itself and sends
+only its path (`X-Upload-File`) and length (`X-Upload-Length`): the hub
+checks, hashes and links that file and never reads the body. Without the
+setting that header is refused, never followed (docs/deploy.md).
 """
 
 import io
+import os
 
+from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers
@@ -21,7 +28,9 @@ from hub.api.base import ApiView
 from hub.api.schema import error
 from hub.registry import services
 from hub.registry.services import IncomingFile
+from hub.registry.uploads import UploadTooLarge, open_front_server_upload
 from hub.registry.validation import ValidationError
+from hub.storage import hash_open_file
 
 SHA256 = r"[0-9a-f]{64}"
 
@@ -43,6 +52,13 @@ class Upload(ApiView):
     permission_classes = [permissions.IsAuthenticated]
     parser_classes = [RawBodyParser]
 
+    def initial(self, request, *args, **kwargs):
+        # Before anything reads the body: a file name from the client is never followed.
+        if request.method == "PUT" and "HTTP_X_UPLOAD_FILE" in request.META and settings.UPLOAD_ACCEL != "nginx":
+            raise ValidationError("upload_file_header_refused", "X-Upload-File is only accepted from the hub's "
+                                  "front server (UPLOAD_ACCEL=nginx); send the file as the body.")
+        super().initial(request, *args, **kwargs)
+
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},
         responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400),
@@ -51,6 +67,8 @@ class Upload(ApiView):
                     "201 when newly staged, 200 when this user had staged it already.",
     )
     def put(self, request, sha256):
+        if settings.UPLOAD_ACCEL == "nginx" and "HTTP_X_UPLOAD_FILE" in request.META:
+            return self._put_front_server_file(request, sha256, request.META["HTTP_X_UPLOAD_FILE"])
         if not request.META.get("CONTENT_LENGTH"):  # a chunked body would read as empty
             return Response({"error": "length_required", "detail": "Send the file with a Content-Length header."},
                             status=411)
@@ -68,6 +86,27 @@ class Upload(ApiView):
         finally:
             if uploaded is not None:
                 uploaded.close()  # the spooled temporary file: linked into the store or gone
+        return Response({"sha256": blob.sha256, "size": blob.size}, status=201 if created else 200)
+
+    def _put_front_server_file(self, request, sha256, path):
+        """nginx stored the body in `path` (client_body_in_file_only) and sent its
+        Content-Length as X-Upload-Length: check, hash in large reads, stage."""
+        declared = request.META.get("HTTP_X_UPLOAD_LENGTH", "")
+        if not declared.isdigit():
+            return Response({"error": "length_required", "detail": "Send the file with a Content-Length header."},
+                            status=411)
+        if int(declared) > settings.MAX_UPLOAD_BYTES:
+            raise UploadTooLarge(f"The upload is {declared} bytes; the limit is {settings.MAX_UPLOAD_BYTES} bytes.")
+        with open_front_server_upload(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > settings.MAX_UPLOAD_BYTES:
+                raise UploadTooLarge(f"The upload passed the limit of {settings.MAX_UPLOAD_BYTES} bytes.")
+            if size != int(declared):
+                raise ValidationError("incomplete_body", f"The body has {size} bytes, not the {declared} its "
+                                      "Content-Length says; nothing was kept.")
+            digest, size = hash_open_file(f)
+            upload = IncomingFile(path=sha256, fileobj=f, sha256=digest, size=size)
+            blob, created = services.stage_upload(user=request.user, sha256=sha256, upload=upload)
         return Response({"sha256": blob.sha256, "size": blob.size}, status=201 if created else 200)
 
     @extend_schema(

@@ -5,19 +5,31 @@ read, memory stays flat, and an upload past the cap stops with a 413.
 The spool lies in the blob store's own folder (`hub.storage.upload_temp_dir`),
 so committing a filesystem blob is a link, not a copy: the bytes are written
 once and read once (to hash them, as they arrive). Validation then reads only
-the safetensors header."""
+the safetensors header.
+
+Behind nginx with `UPLOAD_ACCEL=nginx`, a staged upload's body never reaches
+the web process: nginx stores it in a file of its own and names it in
+`X-Upload-File`; `open_front_server_upload` opens that file, refusing any
+other than a regular file under `UPLOAD_ACCEL_ROOT`, and it is then committed
+like a spool of ours (a hard link)."""
 
 import hashlib
+import logging
 import os
+import stat
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from django.conf import settings
+from django.core.files import File
 from django.core.files.uploadedfile import TemporaryUploadedFile, UploadedFile
 from django.core.files.uploadhandler import TemporaryFileUploadHandler
 from rest_framework.exceptions import APIException
 
+from hub.registry.validation import ValidationError
 from hub.storage import upload_temp_dir
+
+log = logging.getLogger(__name__)
 
 
 class UploadTooLarge(APIException):
@@ -95,3 +107,43 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
         f = super().file_complete(file_size)
         f.sha256 = self.sha.hexdigest()
         return f
+
+
+class FrontServerUpload(File):
+    """A request body the front server stored itself (nginx's
+    `client_body_in_file_only`), opened by the hub. Like a SpooledUpload it
+    names its file (`temporary_file_path`), so the blob store commits it the
+    same way: a hard link on the filesystem, a managed upload from the path
+    on S3. nginx removes its own name after the request; the link keeps the
+    bytes, and a refused upload leaves nothing but nginx's file, which goes too."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, name=path)
+        self._path = path
+
+    def temporary_file_path(self) -> str:
+        return self._path
+
+
+def open_front_server_upload(path: str) -> FrontServerUpload:
+    """The file the front server named in X-Upload-File (only trusted with
+    UPLOAD_ACCEL on): a regular file under UPLOAD_ACCEL_ROOT once every
+    symbolic link and `..` in its path is resolved, else a 400 `bad_upload_file`."""
+    root = os.path.realpath(settings.UPLOAD_ACCEL_ROOT)
+    real = os.path.realpath(path) if os.path.isabs(path) else None
+    if real is None or real == root or os.path.commonpath([root, real]) != root:
+        log.warning("X-Upload-File %r is not under UPLOAD_ACCEL_ROOT %s: refused", path, root)
+        raise ValidationError("bad_upload_file", "The front server named a file outside UPLOAD_ACCEL_ROOT; "
+                              "nothing was kept.")
+    try:  # O_NOFOLLOW: no link swapped in since realpath; O_NONBLOCK: a FIFO does not hang the request
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        log.error("X-Upload-File %s cannot be opened (%s): nginx's worker user must be the hub's", real, e)
+        raise ValidationError("bad_upload_file", "The front server's file of this upload cannot be read; "
+                              "nothing was kept.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValidationError("bad_upload_file", "The front server named something other than a regular file; "
+                              "nothing was kept.")
+    os.set_blocking(fd, True)
+    return FrontServerUpload(os.fdopen(fd, "rb"), real)

@@ -31,10 +31,12 @@ from tests.live_workers import database_url
 ROOT = Path(__file__).resolve().parents[2]
 
 # Loaded by gunicorn with --config: after fork, wrap Response.sendfile so each
-# call appends {"count": bytes, "used": bool} to SENDFILE_LOG.
+# call appends {"count": bytes, "used": bool} to SENDFILE_LOG, and the request
+# body's reads so each one that returns bytes appends their count to BODY_LOG
+# (whether the web process read an upload's bytes at all).
 GUNICORN_CONF = """
 import json, os
-from gunicorn.http import wsgi
+from gunicorn.http import body, wsgi
 
 def post_fork(server, worker):
     original = wsgi.Response.sendfile
@@ -44,6 +46,14 @@ def post_fork(server, worker):
             f.write(json.dumps({"used": bool(used), "count": self.response_length}) + "\\n")
         return used
     wsgi.Response.sendfile = sendfile
+    for name in ("read", "readline"):
+        def counted(self, size=None, _original=getattr(body.Body, name)):
+            data = _original(self, size)
+            if data:
+                with open(os.environ["BODY_LOG"], "a") as f:
+                    f.write(f"{len(data)}\\n")
+            return data
+        setattr(body.Body, name, counted)
 """
 
 
@@ -68,10 +78,11 @@ def _gunicorn(settings, tmp_path, extra_env: dict):
     conf.write_text(GUNICORN_CONF)
     log = tmp_path / "sendfile.jsonl"
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("S3_BUCKET", "BLOB_ACCEL")}
+    env = {k: v for k, v in os.environ.items() if k not in ("S3_BUCKET", "BLOB_ACCEL", "UPLOAD_ACCEL")}
     env.update(DJANGO_SETTINGS_MODULE="hub.settings", HUB_HOME=str(settings.HUB_HOME),
                BLOB_ROOT=str(settings.BLOB_ROOT), DATABASE_URL=database_url(connection.settings_dict),
-               PYTHONPATH=str(ROOT), SENDFILE_LOG=str(log), **extra_env)
+               PYTHONPATH=str(ROOT), SENDFILE_LOG=str(log), BODY_LOG=str(tmp_path / "body_reads.log"),
+               **extra_env)
     out = open(tmp_path / "gunicorn.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "hub.cli.serve:embedded_app()", "--bind", f"127.0.0.1:{port}",
@@ -357,29 +368,55 @@ http {{
             add_header X-Linked-Size $upstream_http_x_linked_size;
             add_header X-Revision $upstream_http_x_revision;
         }}
+        location /api/v1/uploads/ {{
+            client_body_temp_path {blobs}/.nginx-body 1 2;
+            client_body_in_file_only clean;
+            client_body_buffer_size 1m;
+            client_max_body_size 0;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Upload-File $request_body_file;
+            proxy_set_header X-Upload-Length $content_length;
+            proxy_pass http://{upstream};
+        }}
         location / {{
             proxy_pass http://{upstream};
             proxy_request_buffering off;
             client_max_body_size 0;
+            proxy_set_header X-Upload-File "";
+            proxy_set_header X-Upload-Length "";
         }}
     }}
 }}
 """
 
 
-@pytest.fixture
-def nginx_hub(transactional_db, settings, tmp_path):
-    """nginx (the docs/deploy.md configuration) in front of a gunicorn with
-    BLOB_ACCEL=x-accel-redirect; skipped where no nginx is installed."""
+def nginx_binary() -> str:
     import shutil
 
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         pytest.skip("no nginx binary (apt-get install nginx-light)")
-    gen = _gunicorn(settings, tmp_path, {"BLOB_ACCEL": "x-accel-redirect", "BLOB_ACCEL_PREFIX": "/_blobs/"})
+    return nginx
+
+
+@pytest.fixture
+def nginx_hub(transactional_db, settings, tmp_path):
+    """nginx (the docs/deploy.md configuration) in front of a gunicorn with
+    BLOB_ACCEL=x-accel-redirect; skipped where no nginx is installed."""
+    yield from _nginx(settings, tmp_path, {"BLOB_ACCEL": "x-accel-redirect", "BLOB_ACCEL_PREFIX": "/_blobs/"})
+
+
+def _nginx(settings, tmp_path, hub_env: dict):
+    """(url, sendfile_calls()) of nginx, configured as docs/deploy.md shows
+    (downloads by X-Accel-Redirect, staged uploads stored by nginx under
+    BLOB_ROOT/.nginx-body), in front of a gunicorn started with `hub_env`."""
+    nginx = nginx_binary()
+    gen = _gunicorn(settings, tmp_path, hub_env)
     upstream, calls = next(gen)
     home = tmp_path / "nginx"
     home.mkdir()
+    Path(settings.BLOB_ROOT).mkdir(parents=True, exist_ok=True)
     port = _free_port()
     # Started as root, nginx's workers would drop to `nobody`, who cannot enter the test's 0700 HUB_HOME.
     user = "user root;" if os.geteuid() == 0 else ""
