@@ -87,6 +87,26 @@ def mutation_prompts(seed_prompts: Sequence[str], n: int, *, rate: float = 0.5, 
     return out
 
 
+def sampled_prompt(row: Sequence[int], tok, prefix: str, suffix: str) -> str:
+    """One sampled continuation of `prefix` as a prompt: cut at the eos token and at the
+    template's suffix; "\0" appended when the suffix never came (unterminated)."""
+    eos = tok.eos_token_id
+    stopped = eos is not None and eos in row
+    if stopped:
+        row = row[:row.index(eos)]
+    text = prefix + tok.decode(row, skip_special_tokens=True)
+    eos_text = tok.convert_ids_to_tokens(eos) if stopped else None
+    k = suffix.find(eos_text) if isinstance(eos_text, str) and eos_text else -1
+    if k >= 0 and text.endswith(suffix[:k]):
+        # a chat template's user turn ends with the eos token itself (".<|im_end|>\n<|im_start|>
+        # assistant\n"): the model that closed its turn has written the suffix up to that token
+        text += suffix[k:]
+    if suffix:
+        cut = text.find(suffix, len(prefix))
+        text = text[:cut + len(suffix)] if cut >= 0 else text + "\0"  # \0: no suffix, unterminated
+    return text
+
+
 def _lm_prompts(model, tok, seed_prompts: Sequence[str], prefix: str, suffix: str, n: int, cfg: TransLoraConfig,
                 limits: tuple[int, int], seed: int, progress: Progress = None) -> list[str]:
     """Sample n task inputs from a causal LM given `shots` seed prompts as separate
@@ -124,14 +144,7 @@ def _lm_prompts(model, tok, seed_prompts: Sequence[str], prefix: str, suffix: st
             gen = model.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=cfg.temperature,
                                  top_p=cfg.top_p, top_k=0, max_new_tokens=max_new, eos_token_id=eos,
                                  pad_token_id=pad)
-        for row in gen[:, width:].tolist():
-            if eos in row:
-                row = row[:row.index(eos)]
-            text = prefix + tok.decode(row, skip_special_tokens=True)
-            if suffix:
-                cut = text.find(suffix, len(prefix))
-                text = text[:cut + len(suffix)] if cut >= 0 else text + "\0"  # \0: no suffix, unterminated
-            out.append(text)
+        out += [sampled_prompt(row, tok, prefix, suffix) for row in gen[:, width:].tolist()]
         if progress:
             progress(min(1.0, (start + batch) / n), f"sampled {min(n, start + batch)}/{n}")
     return out

@@ -147,3 +147,24 @@ def test_serve_finds_the_cached_lane_through_a_subprocess(monkeypatch, tmp_path)
     root = Path(__file__).resolve().parents[2]
     where = real_lane_dir(dict(os.environ), root)
     assert where == tmp_path / "zoo-real" / zoo_real.REAL.digest() and not where.exists()
+
+
+def test_sampled_prompt_closes_a_chat_turn_at_the_eos_token(tok):
+    """SmolLM2's eos is <|im_end|>, which the chat template's suffix holds: a sample that
+    stopped there is a finished user turn, not an unterminated one (it was, and Trans-LoRA's
+    LM generator then yielded nothing on the real lane)."""
+    from adapters_ops.translora.common import template_of
+    from adapters_ops.translora.synthetic import sampled_prompt
+
+    q = 'Extract the person and the city as JSON with the keys "name" and "city".\nText: '
+    prompts = [RD.chat_prompt(tok, q + s) for s in ("Anna met Ivan in Lima.", "Omar moved to Cairo.")]
+    prefix, suffix = template_of(prompts)
+    assert suffix.startswith(".<|im_end|>")
+    row = tok("Elena lives in Osaka.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 0, 0]
+    assert sampled_prompt(row, tok, prefix, suffix) == RD.chat_prompt(tok, q + "Elena lives in Osaka.")
+    # without the sentence's end the suffix did not come: unterminated, as before
+    row = tok("Elena lives in Osaka", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert sampled_prompt(row, tok, prefix, suffix).endswith("\0")
+    # no eos at all: cut where the suffix appears, or unterminated
+    row = tok("Elena lives in Osaka and more", add_special_tokens=False)["input_ids"]
+    assert sampled_prompt(row, tok, prefix, suffix).endswith("\0")
