@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters_ops import _zoo_train  # noqa: E402,F401  (first: it pins MKL's reproducibility mode)
+from adapters_ops import _zoo_train  # noqa: E402  (first: it pins MKL's reproducibility mode)
 
 SOURCE = "smollm2-135m-1.0"
 TARGET = "smollm2-135m-1.1"
@@ -151,6 +151,20 @@ def write_json(path: Path | None, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"\nresults: {path}", file=sys.stderr)
+
+
+def report(args, run_fn: Callable[[Callable[[str], None]], dict], table_fn: Callable[[dict], str]) -> int:
+    """A script's main after its arguments: `run_fn(log)` in the lane's deterministic mode
+    (args.threads), the machine before and after and the peak RSS added to its result, the
+    table printed, the JSON written (args.json). Progress lines go to stderr."""
+    with _zoo_train.deterministic(threads=args.threads):
+        env = machine()
+        result = run_fn(lambda m: print(m, file=sys.stderr, flush=True))
+    result["machine"], result["machine_end"] = env, machine()
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(table_fn(result))
+    write_json(args.json, result)
+    return 0
 
 
 def add_common_args(ap) -> None:

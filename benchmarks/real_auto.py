@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_lane as L  # noqa: E402
 
-from adapters_ops import _zoo_train, compeft, verdict  # noqa: E402
+from adapters_ops import compeft, verdict  # noqa: E402
 from adapters_ops.adapter import Adapter  # noqa: E402
 
 
@@ -85,14 +85,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = L.lane_dir(args.lane)
     skills = args.skills or L.skills_of(root)
-    with _zoo_train.deterministic(threads=args.threads):
-        env = L.machine()
-        result = run(root, skills, limit=L.limit_of(args), log=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"], result["machine_end"] = env, L.machine()
-    result["peak_rss_mb"] = L.peak_rss_mb()
-    print(table(result))
-    L.write_json(args.json, result)
-    return 0
+    def measure(log):
+        return run(root, skills, limit=L.limit_of(args), log=log)
+
+    return L.report(args, measure, table)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_lane as L  # noqa: E402
 
-from adapters_ops import _zoo_train, compeft  # noqa: E402
+from adapters_ops import compeft  # noqa: E402
 from adapters_ops.adapter import Adapter  # noqa: E402
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3)
@@ -112,16 +112,12 @@ def main(argv=None) -> int:
 
     root = L.lane_dir(args.lane)
     skills = args.skills or L.skills_of(root)
-    with _zoo_train.deterministic(threads=args.threads):
-        env = L.machine()
-        result = run(root, skills, limit=L.limit_of(args), densities=floats(args.densities),
-                     choose_at=floats(args.choose_at), bits_at=floats(args.bits_at),
-                     bits_choose_at=floats(args.bits_choose_at), candidates=floats(args.candidates) or None, log=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"], result["machine_end"] = env, L.machine()
-    result["peak_rss_mb"] = L.peak_rss_mb()
-    print(table(result))
-    L.write_json(args.json, result)
-    return 0
+    def measure(log):
+        return run(root, skills, limit=L.limit_of(args), densities=floats(args.densities),
+                   choose_at=floats(args.choose_at), bits_at=floats(args.bits_at),
+                   bits_choose_at=floats(args.bits_choose_at), candidates=floats(args.candidates) or None, log=log)
+
+    return L.report(args, measure, table)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _real_lane as L  # noqa: E402
 import torch  # noqa: E402
 
-from adapters_ops import _zoo_train, compose, merge, verdict  # noqa: E402
+from adapters_ops import compose, merge, verdict  # noqa: E402
 from adapters_ops.adapter import Adapter  # noqa: E402
 
 PAIRS = (("json_extract", "news_section"), ("past_tense", "number_digits"))
@@ -109,16 +109,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = L.lane_dir(args.lane)
     pairs = [tuple(p.split("+")) for p in args.pairs]
-    with _zoo_train.deterministic(threads=args.threads):
-        env = L.machine()
-        result = run(root, pairs, args.methods, limit=L.limit_of(args), weight=args.weight,
-                     distill={"steps": args.distill_steps},
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"], result["machine_end"] = env, L.machine()
-    result["peak_rss_mb"] = L.peak_rss_mb()
-    print(table(result))
-    L.write_json(args.json, result)
-    return 0
+    def measure(log):
+        return run(root, pairs, args.methods, limit=L.limit_of(args), weight=args.weight,
+                   distill={"steps": args.distill_steps}, log=log)
+
+    return L.report(args, measure, table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _real_lane as L  # noqa: E402
 import torch  # noqa: E402
 
-from adapters_ops import _zoo_train, moving  # noqa: E402
+from adapters_ops import moving  # noqa: E402
 from adapters_ops import transfer as T  # noqa: E402
 from adapters_ops.adapter import Adapter  # noqa: E402
 
@@ -110,15 +110,11 @@ def main(argv=None) -> int:
     root = L.lane_dir(args.lane)
     skills = args.skills or L.skills_of(root)
     finetune = skills if args.finetune_skills is None else args.finetune_skills
-    with _zoo_train.deterministic(threads=args.threads):
-        env = L.machine()
-        result = run(root, skills, limit=L.limit_of(args), finetune_skills=finetune,
-                     finetune_steps=args.finetune_steps, log=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"], result["machine_end"] = env, L.machine()
-    result["peak_rss_mb"] = L.peak_rss_mb()
-    print(table(result))
-    L.write_json(args.json, result)
-    return 0
+    def measure(log):
+        return run(root, skills, limit=L.limit_of(args), finetune_skills=finetune,
+                   finetune_steps=args.finetune_steps, log=log)
+
+    return L.report(args, measure, table)
 
 
 if __name__ == "__main__":

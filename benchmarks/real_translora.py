@@ -18,8 +18,6 @@ Prints a markdown table; --json writes every number with the stage times and the
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,9 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_lane as L  # noqa: E402
+from translora_quality import config_overrides  # noqa: E402  (--set FIELD=VALUE, as there)
 
 from adapters_ops import _real_data as D  # noqa: E402
-from adapters_ops import _zoo_train, translora  # noqa: E402
+from adapters_ops import translora  # noqa: E402
 from adapters_ops.adapter import Adapter  # noqa: E402
 
 # 135M parameters on 2 cores: one distillation step of 8 sequences takes ~2-5 s, so the library's
@@ -178,38 +177,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _overrides(pairs) -> dict:
-    fields = {f.name for f in dataclasses.fields(translora.TransLoraConfig)}
-    out = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE, FIELD one of {', '.join(sorted(fields))}")
-        try:
-            out[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[name] = raw
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     L.add_common_args(ap)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help=f"a TransLoraConfig field (a JSON value or a bare word); defaults here: {CPU_CONFIG}")
     args = ap.parse_args(argv)
-    overrides = _overrides(args.set)
+    overrides = config_overrides(args.set)
     root = L.lane_dir(args.lane)
     skills = args.skills or L.skills_of(root)
-    with _zoo_train.deterministic(threads=args.threads):
-        env = L.machine()
-        result = run(root, skills, limit=L.limit_of(args), config={"threads": args.threads, **overrides},
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    result["machine"], result["machine_end"] = env, L.machine()
-    result["peak_rss_mb"] = L.peak_rss_mb()
-    print(table(result))
-    L.write_json(args.json, result)
-    return 0
+    def measure(log):
+        return run(root, skills, limit=L.limit_of(args), config={"threads": args.threads, **overrides}, log=log)
+
+    return L.report(args, measure, table)
 
 
 if __name__ == "__main__":

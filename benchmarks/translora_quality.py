@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     cfg = translora.TransLoraConfig(threads=2)
     if args.quick:
         cfg = dataclasses.replace(cfg, n_synthetic=128, steps=60, eval_every=20)
-    cfg = dataclasses.replace(cfg, **_overrides(args.set))
+    cfg = dataclasses.replace(cfg, **config_overrides(args.set))
     src_dir = root / "bases" / SOURCE
     t_all = time.perf_counter()
     failures, dump = [], {"config": cfg.as_dict(), "runs": []}
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-def _overrides(pairs) -> dict:
+def config_overrides(pairs) -> dict:
     """--set FIELD=VALUE pairs as config fields; a value that is not JSON is a string."""
     fields = {f.name for f in dataclasses.fields(translora.TransLoraConfig)}
     out = {}
