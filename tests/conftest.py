@@ -92,6 +92,19 @@ def tiny_base(db, staff_user, tiny_base_dir):
             f.fileobj.close()
 
 
+@pytest.fixture
+def blob_root(settings, tmp_path):
+    """A private filesystem blob store for one test, so 'nothing kept' can be checked file by
+    file (the session's store outlives each test's database)."""
+    root = tmp_path / "blobs"
+    settings.BLOB_ROOT = root
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(root)}},
+    }
+    return root
+
+
 @pytest.fixture(scope="session")
 def zoo_dir() -> Path:
     """The tiny model family (built once, cached by recipe hash)."""

@@ -34,18 +34,6 @@ def stored(root: Path) -> list[Path]:
 
 
 @pytest.fixture
-def blob_root(settings, tmp_path):
-    """A private blob store, so 'nothing kept' can be checked file by file."""
-    root = tmp_path / "blobs"
-    settings.BLOB_ROOT = root
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(root)}},
-    }
-    return root
-
-
-@pytest.fixture
 def accel(settings, blob_root):
     """UPLOAD_ACCEL on, with the front server's body folder inside the blob root."""
     body = blob_root / ".nginx-body"

@@ -25,15 +25,9 @@ FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @pytest.fixture(autouse=True)
-def blob_root(settings, tmp_path):
-    """A private blob store (the session's one outlives each test's database)."""
-    root = tmp_path / "blobs"
-    settings.BLOB_ROOT = root
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(root)}},
-    }
-    return root
+def _private_blobs(blob_root):
+    """Every test here on its own blob store (tests/conftest.py)."""
+    return blob_root
 
 
 @pytest.fixture
