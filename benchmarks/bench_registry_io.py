@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # hub.nginx: the server block of docs/deploy.md
 BIN = Path(sys.executable).parent
 TENSOR = 4096 * 4096  # F32 elements per tensor: 64 MiB
 
@@ -205,68 +206,17 @@ def start_hub(root: Path, env: dict, port: int):
     raise SystemExit("the hub did not start")
 
 
-# docs/deploy.md's server block ("nginx in front"), with this run's paths.
-NGINX_CONF = """
-{user}
-daemon off;
-worker_processes 1;
-pid {home}/nginx.pid;
-error_log {home}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {home}/body;
-    proxy_temp_path {home}/proxy;
-    fastcgi_temp_path {home}/fastcgi;
-    uwsgi_temp_path {home}/uwsgi;
-    scgi_temp_path {home}/scgi;
-    sendfile on;
-    proxy_read_timeout 900s;
-    server {{
-        listen 127.0.0.1:{port};
-        location /_blobs/ {{
-            internal;
-            alias {blobs}/;
-            etag off;
-            add_header ETag $upstream_http_etag;
-            add_header X-Repo-Commit $upstream_http_x_repo_commit;
-            add_header X-Linked-Etag $upstream_http_x_linked_etag;
-            add_header X-Linked-Size $upstream_http_x_linked_size;
-            add_header X-Revision $upstream_http_x_revision;
-        }}
-        location /api/v1/uploads/ {{
-            client_body_temp_path {blobs}/.nginx-body 1 2;
-            client_body_in_file_only clean;
-            client_body_buffer_size {body_buffer};
-            client_max_body_size 0;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Upload-File $request_body_file;
-            proxy_set_header X-Upload-Length $content_length;
-            proxy_pass http://{upstream};
-        }}
-        location / {{
-            proxy_pass http://{upstream};
-            proxy_request_buffering off;
-            client_max_body_size 0;
-            proxy_set_header X-Upload-File "";
-            proxy_set_header X-Upload-Length "";
-        }}
-    }}
-}}
-"""
-
-
 def start_nginx(work: Path, upstream: str, blobs: Path, body_buffer: str) -> tuple[subprocess.Popen, str]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     home = work / "nginx"
     home.mkdir()
     blobs.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    user = "user root;" if os.geteuid() == 0 else ""  # else root's workers drop to nobody
-    (home / "nginx.conf").write_text(NGINX_CONF.format(user=user, home=home, port=port, blobs=blobs,
-                                                       upstream=upstream.removeprefix("http://"),
-                                                       body_buffer=body_buffer))
+    from hub.nginx import standalone_conf  # docs/deploy.md's server block, this run's paths
+
+    (home / "nginx.conf").write_text(standalone_conf(home=str(home), listen=f"127.0.0.1:{port}",
+                                                     upstream=upstream.removeprefix("http://"), blob_root=str(blobs),
+                                                     body_buffer=body_buffer, as_root=os.geteuid() == 0))
     proc = subprocess.Popen([nginx, "-p", str(home), "-c", str(home / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

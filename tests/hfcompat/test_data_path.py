@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hub.nginx import standalone_conf
 from tests.hfcompat.conftest import upload_adapter
 from tests.live_workers import database_url
 
@@ -285,7 +286,7 @@ def test_background_hash_matches_hashlib():
     assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
-def test_stale_spool_files_are_collected(transactional_db, settings):
+def test_stale_spool_files_are_collected(transactional_db, settings, blob_root):
     from hub.storage import UPLOAD_DIR, collect_garbage, upload_temp_dir
 
     old = Path(upload_temp_dir()) / "tmp-old.upload"
@@ -342,55 +343,6 @@ def test_s3_multipart_upload_and_ranged_proxy(s3_storage, transactional_db, clie
     (settings.HUB_HOME / "copy.bin").unlink()
 
 
-NGINX_CONF = """
-{user}
-daemon off;
-worker_processes 1;
-pid {home}/nginx.pid;
-error_log {home}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {home}/body;
-    proxy_temp_path {home}/proxy;
-    fastcgi_temp_path {home}/fastcgi;
-    uwsgi_temp_path {home}/uwsgi;
-    scgi_temp_path {home}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location /_blobs/ {{
-            internal;
-            alias {blobs}/;
-            etag off;
-            add_header ETag $upstream_http_etag;
-            add_header X-Repo-Commit $upstream_http_x_repo_commit;
-            add_header X-Linked-Etag $upstream_http_x_linked_etag;
-            add_header X-Linked-Size $upstream_http_x_linked_size;
-            add_header X-Revision $upstream_http_x_revision;
-        }}
-        location /api/v1/uploads/ {{
-            client_body_temp_path {blobs}/.nginx-body 1 2;
-            client_body_in_file_only clean;
-            client_body_buffer_size 1m;
-            client_max_body_size 0;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Upload-File $request_body_file;
-            proxy_set_header X-Upload-Length $content_length;
-            proxy_pass http://{upstream};
-        }}
-        location / {{
-            proxy_pass http://{upstream};
-            proxy_request_buffering off;
-            client_max_body_size 0;
-            proxy_set_header X-Upload-File "";
-            proxy_set_header X-Upload-Length "";
-        }}
-    }}
-}}
-"""
-
-
 def nginx_binary() -> str:
     import shutil
 
@@ -418,10 +370,9 @@ def _nginx(settings, tmp_path, hub_env: dict):
     home.mkdir()
     Path(settings.BLOB_ROOT).mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    # Started as root, nginx's workers would drop to `nobody`, who cannot enter the test's 0700 HUB_HOME.
-    user = "user root;" if os.geteuid() == 0 else ""
-    (home / "nginx.conf").write_text(NGINX_CONF.format(user=user, home=home, port=port, blobs=settings.BLOB_ROOT,
-                                                       upstream=upstream.removeprefix("http://")))
+    (home / "nginx.conf").write_text(standalone_conf(home=str(home), listen=f"127.0.0.1:{port}",
+                                                     upstream=upstream.removeprefix("http://"),
+                                                     blob_root=str(settings.BLOB_ROOT), as_root=os.geteuid() == 0))
     proc = subprocess.Popen([nginx, "-p", str(home), "-c", str(home / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -491,3 +442,28 @@ def test_source_path_trusts_only_the_objects_own_descriptor(tmp_path):
     with tempfile.NamedTemporaryFile(dir=tmp_path) as t:
         assert _source_path(t) == t.name
     assert _source_path(__import__("io").BytesIO(b"x")) is None
+
+
+def test_docs_deploy_shows_the_server_block_the_tests_run():
+    """docs/deploy.md's nginx block is hub.nginx's, which the nginx tests and the benchmark run."""
+    import re
+
+    from hub.nginx import server_block
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    shown = re.search(r"```nginx\n(server \{.*?\n\})\n```", doc, re.S)
+    assert shown and shown.group(1) + "\n" == server_block()
+
+
+def test_manage_nginx_conf_prints_it_for_the_settings(settings):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    settings.BLOB_ROOT = Path("/data/hub-blobs")
+    settings.UPLOAD_ACCEL_ROOT = "/data/hub-blobs/.body"
+    out = StringIO()
+    call_command("nginx_conf", "--upstream", "10.0.0.5:9000", stdout=out)
+    text = out.getvalue()
+    assert "alias /data/hub-blobs/;" in text and "client_body_temp_path /data/hub-blobs/.body 1 2;" in text
+    assert text.count("proxy_pass http://10.0.0.5:9000;") == 2 and text.startswith("server {")

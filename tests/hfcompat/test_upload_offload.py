@@ -210,9 +210,10 @@ def _safetensors(n_floats: int, tail: bytes) -> bytes:
 
 
 @pytest.fixture
-def offload_hub(transactional_db, settings, tmp_path):
+def offload_hub(transactional_db, settings, tmp_path, blob_root):
     """nginx configured as docs/deploy.md shows, in front of a gunicorn with
-    UPLOAD_ACCEL=nginx and BLOB_ACCEL=x-accel-redirect."""
+    UPLOAD_ACCEL=nginx and BLOB_ACCEL=x-accel-redirect, on a private blob store
+    (its checks look for leftovers there)."""
     nginx_binary()
     yield from _nginx(settings, tmp_path, {
         "BLOB_ACCEL": "x-accel-redirect", "BLOB_ACCEL_PREFIX": "/_blobs/",
