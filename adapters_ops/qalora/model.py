@@ -109,11 +109,16 @@ class QuantizedModel:
         cfg = AutoConfig.for_model(**{k: v for k, v in self.config.items() if k != "transformers_version"})
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         missing, unexpected = model.load_state_dict(self.state_dict(dtype), strict=False)
-        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+        tied = set()
+        if getattr(cfg, "tie_word_embeddings", False):
+            # the output head is the input embedding (SmolLM2, Llama 3.2): checkpoints leave it out
+            head = model.get_output_embeddings()
+            tied = {f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head}
+        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq") and k not in tied]
         if missing or unexpected:
             raise CorruptFile(f"quantized model does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}", "state_mismatch")
-        if getattr(cfg, "tie_word_embeddings", False):
+        if tied:
             model.tie_weights()
         return model.eval()
 

@@ -416,6 +416,32 @@ def test_quantize_merged_end_to_end(base_dir, tmp_path):
         Q.quantize_merged(base_dir, lora_dir, 4, 32, tmp_path / "x", finetune_steps=3)
 
 
+def test_tied_output_head_quantizes_and_loads(tmp_path):
+    """A base whose output head is its embedding (SmolLM2, Llama 3.2): its checkpoint has no
+    lm_head.weight; quantize_merged and the dequantized model must tie it back, not refuse."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapters_ops import _zoo_data as D
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(D.VOCAB), hidden_size=HIDDEN, intermediate_size=INTER,
+                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=D.BOS_ID,
+                      eos_token_id=D.EOS_ID, pad_token_id=D.PAD_ID)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "tied" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    rep = Q.quantize_merged(tmp_path / "tied", random_lora(scale=0.1), bits=4, group_size=32,
+                            out_dir=tmp_path / "out")
+    assert rep["merge_max_logit_diff"] < 1e-4
+    model = Q.load_quantized(tmp_path / "out").to_model()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    naive = Q.naive_merge_quantize(tmp_path / "tied", random_lora(scale=0.1), 4, 32).to_model()
+    assert naive.lm_head.weight.data_ptr() == naive.model.embed_tokens.weight.data_ptr()
+
+
 def test_naive_baseline_quantizes_the_merged_weight(base_dir):
     lora = random_lora(scale=0.1)
     naive = Q.naive_merge_quantize(base_dir, lora, 4, 16)
