@@ -36,6 +36,8 @@ PAIRS = (("json_extract", "news_section"), ("past_tense", "number_digits"))
 DISTILL = {"synthetic": 128, "steps": 100, "batch_size": 8, "lr": 3e-3}
 METHODS = ("linear", "ties", "dare_ties", "magnitude_prune", "svd", "cat")
 DENSITY = {**{m: d for m, d in verdict.AUTO_MERGE_METHODS}, "cat": None}
+DENSITY["dare_linear"] = DENSITY["dare_ties"]  # the same random drop, without the sign election
+DENSITY.update({f"{m}_svd": DENSITY[m] for m in ("ties", "dare_ties", "magnitude_prune", "dare_linear")})
 
 
 def _same(a: Adapter, b: Adapter) -> bool:
