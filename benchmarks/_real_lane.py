@@ -116,6 +116,13 @@ class Scorer:
         return r.accuracy
 
 
+def same_tensors(a, b) -> bool:
+    """Two adapters with bit-identical tensors (one merge method's result reused for another)."""
+    import torch
+
+    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
 def lane_score(root: Path, skill: str, setting: str, n: int) -> float | None:
     """The lane's own score (scores.json) when it covers exactly these n test examples."""
     path = root / "scores.json"

@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_lane as L  # noqa: E402
-import torch  # noqa: E402
 
 from adapters_ops import compose, merge, verdict  # noqa: E402
 from adapters_ops.adapter import Adapter  # noqa: E402
@@ -39,9 +38,6 @@ DENSITY = {**{m: d for m, d in verdict.AUTO_MERGE_METHODS}, "cat": None}
 DENSITY["dare_linear"] = DENSITY["dare_ties"]  # the same random drop, without the sign election
 DENSITY.update({f"{m}_svd": DENSITY[m] for m in ("ties", "dare_ties", "magnitude_prune", "dare_linear")})
 
-
-def _same(a: Adapter, b: Adapter) -> bool:
-    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 def run(root: Path, pairs, methods=METHODS, base: str = L.SOURCE, limit: int | None = None,
@@ -67,7 +63,7 @@ def run(root: Path, pairs, methods=METHODS, base: str = L.SOURCE, limit: int | N
                 op = L.timed(lambda c=cfg, sd=seeds, ls=loras: compose.distill_merge(root / "bases" / base, ls, sd, c)[0])
             else:
                 op = L.timed(merge.merge, loras, weights, method=method, density=density, seed=0)
-            twin = next((name for name, other, _ in done if _same(op.value, other)), None)
+            twin = next((name for name, other, _ in done if L.same_tensors(op.value, other)), None)
             scores = dict(next(sc for name, _, sc in done if name == twin)) if twin else {
                 s: scorer.accuracy(op.value, tests[s]) for s in pair}
             done.append((method, op.value, scores))

@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_lane as L  # noqa: E402
-import torch  # noqa: E402
 
 from adapters_ops import moving  # noqa: E402
 from adapters_ops import transfer as T  # noqa: E402
@@ -30,9 +29,6 @@ from adapters_ops.adapter import Adapter  # noqa: E402
 
 FINETUNE_STEPS = 20
 
-
-def _same_tensors(a: Adapter, b: Adapter) -> bool:
-    return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 def run(root: Path, skills: list[str], source: str = L.SOURCE, target: str = L.TARGET, limit: int | None = None,
@@ -62,7 +58,7 @@ def run(root: Path, skills: list[str], source: str = L.SOURCE, target: str = L.T
             row[key], row["from"][key] = score(base, adapter, test, setting, skill)
         op = L.timed(T.rebase, lora, target)
         row["rebase_seconds"], row["rebase_peak_rss_mb"] = op.seconds, op.peak_rss_mb
-        row["rebase_identical_to_unchanged"] = _same_tensors(op.value, lora)
+        row["rebase_identical_to_unchanged"] = L.same_tensors(op.value, lora)
         if row["rebase_identical_to_unchanged"]:  # scale 1: the diff vector is the LoRA itself
             row["transferred"], row["from"]["transferred"] = row["unchanged"], "= unchanged (identical tensors)"
         else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..adapter import Adapter, AdapterLike, as_adapter
 from ..errors import AdapterError
+from ..verdict import ratio_of, search
 from .algorithm import compress
 from .fileformat import CompressedAdapter
 from .params import CompressParams
@@ -104,8 +105,6 @@ def choose_density(adapter: AdapterLike, score_fn: Callable[[Adapter], float], b
     `score_fn`): densities tried cheapest first, each with its scale chosen by `score_fn` when
     `tune_scale`; the first that passes wins. When none passes, the best ratio is kept and
     `passed` is False. `options` go to compress_at (alpha, scope, magnitude_bits, factorization)."""
-    from ..verdict import ratio_of, search  # stdlib-only policy module
-
     def trial(density):
         packed, choice = compress_at(adapter, density, score_fn if tune_scale else None, **options)
         after = choice.score if choice else score_fn(packed.decompress())

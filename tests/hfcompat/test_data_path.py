@@ -70,6 +70,20 @@ def gunicorn_hub(transactional_db, settings, tmp_path):
     yield from _gunicorn(settings, tmp_path, {})
 
 
+def _wait_until_up(proc: subprocess.Popen, url: str, seconds: float, log: Path) -> None:
+    """Until `url` answers; a server that exits or stays silent fails the test with its log's tail."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.get(url + "/api/v1/base-models/", timeout=2)
+            return
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(log.read_text()[-3000:] if log.exists() else f"{url} never answered")
+            time.sleep(0.1)
+
+
 def _gunicorn(settings, tmp_path, extra_env: dict):
     from django.db import connection
 
@@ -92,16 +106,7 @@ def _gunicorn(settings, tmp_path, extra_env: dict):
         env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url + "/api/v1/base-models/", timeout=2)
-            break
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail((tmp_path / "gunicorn.log").read_text()[-3000:])
-            time.sleep(0.2)
+    _wait_until_up(proc, url, 60, tmp_path / "gunicorn.log")
 
     def calls(at_least: int = 0) -> list[dict]:
         """The sendfile calls so far; waits a little for `at_least` of them (the
@@ -376,16 +381,7 @@ def _nginx(settings, tmp_path, hub_env: dict):
     proc = subprocess.Popen([nginx, "-p", str(home), "-c", str(home / "nginx.conf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(url + "/api/v1/base-models/", timeout=2)
-            break
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail((home / "error.log").read_text()[-2000:] if (home / "error.log").exists() else "nginx")
-            time.sleep(0.1)
+    _wait_until_up(proc, url, 20, home / "error.log")
     yield url, calls
     os.killpg(proc.pid, 9)
     proc.wait(10)
