@@ -12,6 +12,15 @@ CPU seconds per GB (gunicorn master and workers, from /proc) and how far its
 resident memory rose above where it stood before the step (peak RSS, reset
 per step through /proc/PID/clear_refs).
 
+The anchors are coreutils `cp` (copy_file_range: the kernel copies page cache
+to page cache) and a copy through user space in 8 MiB reads and writes (what
+any client that writes a download to disk must at least do). This VM's
+writes swing several-fold from one second to the next (writeback of a
+virtual disk), so every step and both anchors run `--repeat` times,
+interleaved round by round, each after `sync`; the table shows medians and
+the ratios of medians. "download to /dev/null" is the same curl download
+with nothing written: the hub's own speed, without the client's disk.
+
     python benchmarks/bench_registry_io.py --size-mb 512 4096 --storage fs s3
     python benchmarks/bench_registry_io.py --root /tmp/old-tree   # another checkout: a 'before' figure
     python benchmarks/bench_registry_io.py --front nginx --size-mb 512
@@ -38,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +238,45 @@ def start_nginx(work: Path, upstream: str, blobs: Path, body_buffer: str) -> tup
     raise SystemExit(f"nginx did not start: {(home / 'error.log').read_text()[-2000:]}")
 
 
+def copy_anchors(src: Path, scratch: Path) -> dict[str, float]:
+    """Seconds of the two local copies of src, each after a sync."""
+    seconds = {}
+    os.sync()
+    t = time.perf_counter()
+    subprocess.run(["cp", str(src), str(scratch)], check=True)
+    seconds["cp"] = time.perf_counter() - t
+    os.remove(scratch)
+    os.sync()
+    t = time.perf_counter()
+    with open(src, "rb") as f, open(scratch, "wb") as dst:
+        while chunk := f.read(8 << 20):
+            dst.write(chunk)
+    seconds["rw"] = time.perf_counter() - t
+    os.remove(scratch)
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def summarize(samples: dict[str, list[dict]], anchors: list[dict[str, float]], mb: float) -> tuple[dict, float, float]:
+    """Per step: median MB/s, CPU s/GB and seconds, the largest RSS rise, and each
+    sample's MB/s; plus the median MB/s of the two anchors."""
+    copy_mb_s = median([mb / a["cp"] for a in anchors])
+    rw_copy_mb_s = median([mb / a["rw"] for a in anchors])
+    rows = {}
+    for name, runs in samples.items():
+        rows[name] = {"mb_s": median([r["mb_s"] for r in runs]), "samples_mb_s": [round(r["mb_s"]) for r in runs],
+                      "seconds": median([r["seconds"] for r in runs]),
+                      "cpu_s_per_gb": median([r["cpu_s_per_gb"] for r in runs]),
+                      "rss_growth_mb": max(r["rss_growth_mb"] for r in runs),
+                      "rss_peak_mb": max(r["rss_peak_mb"] for r in runs)}
+        if "front_cpu_s_per_gb" in runs[0]:
+            rows[name]["front_cpu_s_per_gb"] = median([r["front_cpu_s_per_gb"] for r in runs])
+    return rows, copy_mb_s, rw_copy_mb_s
+
+
 def curl(*args: str) -> None:
     subprocess.run(["curl", "-sS", "--fail-with-body", *args], check=True, stdout=subprocess.DEVNULL)
 
@@ -241,10 +290,30 @@ print(time.perf_counter() - t, path)
 """
 
 
-def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_downloads: bool = False) -> dict:
+def flip_last_byte(src: Path, dst: Path, salt: int) -> None:
+    """dst: src with its last byte changed (salt picks how), a valid safetensors
+    file of other bytes, so the hub has not seen them and a HEAD skips nothing."""
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ (salt + 1)]))
+
+
+def hf_download(repo: str, cache: Path, token: str, env: dict, result: dict) -> None:
+    """hf_hub_download in a fresh interpreter; result gets its own timing and the file's path."""
+    r = subprocess.run([sys.executable, "-c", HF_SCRIPT, repo, "model.safetensors", str(cache), token], env=env,
+                       check=True, capture_output=True, text=True)
+    seconds, path = r.stdout.split()[-2:]
+    result.update(seconds=float(seconds), path=path)
+
+
+def run_once(root: Path, size_mb: int, storage: str, repeat: int = 3, only_downloads: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-io-"))
     weed = hub = None
-    rows = {}
+    samples: dict[str, list[dict]] = {}
+    anchors: list[dict[str, float]] = []
     try:
         weights = write_base(work / "base", size_mb)
         nbytes = weights.stat().st_size
@@ -258,77 +327,62 @@ def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_do
         out = work / "out.safetensors"
 
         def step(name, fn, nb=nbytes):
+            os.sync()  # each step starts with no dirty pages of the one before
             with Meter(hub.pid) as m:
                 fn()
-            rows[name] = {"mb_s": nb / 1e6 / m.seconds, "seconds": m.seconds, "cpu_s_per_gb": m.cpu / (nb / 1e9),
-                          "rss_growth_mb": m.rss_growth, "rss_peak_mb": m.rss_peak}
-
-        t = time.perf_counter()
-        shutil.copyfile(weights, work / "copy.safetensors")  # copy_file_range/sendfile: in the kernel
-        os.remove(work / "copy.safetensors")
-        copy_s = time.perf_counter() - t
-        t = time.perf_counter()
-        with open(weights, "rb") as src, open(work / "copy.safetensors", "wb") as dst:  # through user space
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-        os.remove(work / "copy.safetensors")
-        rw_copy_s = time.perf_counter() - t
-
-        step("upload", lambda: curl("-H", auth, "-F", "slug=bench-base", "-F", f"files=@{weights}",
-                                    "-F", f"files=@{weights.parent / 'config.json'}", url + "/api/v1/base-models/"))
-        file_url = url + "/api/v1/base-models/bench-base/files/model.safetensors"
-        for i in range(downloads):
-            step("download" if downloads == 1 else f"download {i + 1}", lambda: curl("-H", auth, "-o", str(out), file_url))
-            assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
-            out.unlink()
-        if only_downloads:
-            return {"size_mb": mb, "storage": storage, "copy_mb_s": mb / copy_s, "rw_copy_mb_s": mb / rw_copy_s,
-                    "steps": rows, "load": os.getloadavg()}
-        lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
-        step("range (middle half)", lambda: curl("-H", auth, "-r", f"{lo}-{hi}", "-o", str(out), file_url),
-             nb=hi - lo + 1)
-        assert out.stat().st_size == hi - lo + 1, "range has the wrong length"
-        with open(weights, "rb") as f:
-            f.seek(lo)
-            assert hashlib.sha256(f.read(1 << 20)).digest() == hashlib.sha256(out.open("rb").read(1 << 20)).digest()
-        out.unlink()
-
-        # hubctl base add: the CLI's staged upload (hash, HEAD, PUT of the raw body, commit). Its
-        # bytes must be new to the hub, or the HEAD finds them and nothing is sent: a copy with its
-        # last byte changed (untimed), which keeps the safetensors header valid.
-        cli_dir = work / "cli-base"
-        cli_dir.mkdir(exist_ok=True)
-        for f in weights.parent.iterdir():
-            shutil.copyfile(f, cli_dir / f.name)
-        with open(cli_dir / weights.name, "r+b") as fh:
-            fh.seek(-1, os.SEEK_END)
-            last = fh.read(1)
-            fh.seek(-1, os.SEEK_END)
-            fh.write(bytes([last[0] ^ 1]))
-        os.sync()
-        cli_env = {**os.environ, "HUB_URL": url, "HUB_TOKEN": token, "PYTHONPATH": str(root)}
-        step("hubctl base add", lambda: subprocess.run(
-            [sys.executable, "-c", "import sys; from hub.cli.main import main; sys.exit(main(sys.argv[1:]))",
-             "base", "add", "bench-base-cli", "--weights", str(cli_dir)],
-            env=cli_env, check=True, capture_output=True))
-        shutil.rmtree(cli_dir)
+            samples.setdefault(name, []).append(
+                {"mb_s": nb / 1e6 / m.seconds, "seconds": m.seconds, "cpu_s_per_gb": m.cpu / (nb / 1e9),
+                 "rss_growth_mb": m.rss_growth, "rss_peak_mb": m.rss_peak})
 
         hf_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
         hf_env.update(HF_ENDPOINT=url, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                       HF_HUB_DISABLE_PROGRESS_BARS="1")
-        result = {}
+        cli_env = {**os.environ, "HUB_URL": url, "HUB_TOKEN": token, "PYTHONPATH": str(root)}
+        file_url = url + "/api/v1/base-models/bench-base-0/files/model.safetensors"
+        lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
+        for rnd in range(repeat):
+            anchors.append(copy_anchors(weights, work / "copy.safetensors"))
+            # Every round uploads the same bytes under a new slug: the body is read,
+            # hashed and spooled in full each time (only the final link finds the blob).
+            step("upload", partial(curl, "-H", auth, "-F", f"slug=bench-base-{rnd}", "-F", f"files=@{weights}",
+                                   "-F", f"files=@{weights.parent / 'config.json'}", url + "/api/v1/base-models/"))
+            step("download", lambda: curl("-H", auth, "-o", str(out), file_url))
+            assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
+            out.unlink()
+            step("download to /dev/null", lambda: curl("-H", auth, "-o", "/dev/null", file_url))
+            if only_downloads:
+                continue
+            step("range (middle half)", lambda: curl("-H", auth, "-r", f"{lo}-{hi}", "-o", str(out), file_url),
+                 nb=hi - lo + 1)
+            assert out.stat().st_size == hi - lo + 1, "range has the wrong length"
+            with open(weights, "rb") as f:
+                f.seek(lo)
+                assert hashlib.sha256(f.read(1 << 20)).digest() == hashlib.sha256(out.open("rb").read(1 << 20)).digest()
+            out.unlink()
 
-        def hf():
-            r = subprocess.run([sys.executable, "-c", HF_SCRIPT, "bench-base", "model.safetensors",
-                                str(work / "hf-cache"), token], env=hf_env, check=True, capture_output=True, text=True)
-            seconds, path = r.stdout.split()[-2:]
-            result.update(seconds=float(seconds), path=path)
-        step("hf_hub_download", hf)
-        rows["hf_hub_download"]["mb_s"] = mb / result["seconds"]  # the client's own timing, without its import
-        assert sha256_file(Path(result["path"])) == digest, "hf_hub_download differs"
-        return {"size_mb": mb, "storage": storage, "copy_mb_s": mb / copy_s, "rw_copy_mb_s": mb / rw_copy_s,
-                "steps": rows,
-                "load": os.getloadavg()}
+            # hubctl base add: the CLI's staged upload (hash, HEAD, PUT of the raw body, commit)
+            # of bytes new to the hub (untimed copy), else the HEAD finds them and nothing is sent.
+            cli_dir = work / "cli-base"
+            cli_dir.mkdir(exist_ok=True)
+            shutil.copyfile(weights.parent / "config.json", cli_dir / "config.json")
+            flip_last_byte(weights, cli_dir / weights.name, rnd)
+            step("hubctl base add", partial(
+                subprocess.run,
+                [sys.executable, "-c", "import sys; from hub.cli.main import main; sys.exit(main(sys.argv[1:]))",
+                 "base", "add", f"bench-base-cli-{rnd}", "--weights", str(cli_dir)],
+                env=cli_env, check=True, capture_output=True))
+            shutil.rmtree(cli_dir)
+
+            result = {}
+            step("hf_hub_download", partial(hf_download, "bench-base-0", work / "hf-cache", token, hf_env, result))
+            # the client's own timing, without its import
+            samples["hf_hub_download"][-1]["mb_s"] = mb / result["seconds"]
+            assert sha256_file(Path(result["path"])) == digest, "hf_hub_download differs"
+            shutil.rmtree(work / "hf-cache")
+        rows, copy_mb_s, rw_copy_mb_s = summarize(samples, anchors, mb)
+        return {"size_mb": mb, "storage": storage, "copy_mb_s": copy_mb_s, "rw_copy_mb_s": rw_copy_mb_s,
+                "anchors_mb_s": [{k: round(mb / v) for k, v in a.items()} for a in anchors],
+                "steps": rows, "load": os.getloadavg()}
     finally:
         if hub is not None:
             stop(hub)
@@ -337,28 +391,20 @@ def run_once(root: Path, size_mb: int, storage: str, downloads: int = 1, only_do
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_front(root: Path, size_mb: int, front: str, body_buffer: str = "1m") -> dict:
+def run_front(root: Path, size_mb: int, front: str, body_buffer: str = "1m", repeat: int = 3) -> dict:
     """The staged upload and the download through a front server (nginx) that
     carries the bytes: UPLOAD_ACCEL=nginx and BLOB_ACCEL=x-accel-redirect."""
     assert front == "nginx"
     work = Path(tempfile.mkdtemp(prefix="bench-io-front-"))
     hub = nginx = None
-    rows = {}
+    samples: dict[str, list[dict]] = {}
+    anchors: list[dict[str, float]] = []
     try:
         weights = write_base(work / "base", size_mb)
         config = weights.parent / "config.json"
         nbytes = weights.stat().st_size
         mb = nbytes / 1e6
         digest = sha256_file(weights)
-        # A copy with its last byte changed (valid safetensors, other bytes) for the direct PUT.
-        direct = work / "direct.safetensors"
-        shutil.copyfile(weights, direct)
-        with open(direct, "r+b") as fh:
-            fh.seek(-1, os.SEEK_END)
-            last = fh.read(1)
-            fh.seek(-1, os.SEEK_END)
-            fh.write(bytes([last[0] ^ 1]))
-        direct_digest = sha256_file(direct)
         env = hub_env(root, work / "home", "fs")
         blobs = work / "home" / "blobs"
         env.update(UPLOAD_ACCEL="nginx", UPLOAD_ACCEL_ROOT=str(blobs / ".nginx-body"),
@@ -369,54 +415,52 @@ def run_front(root: Path, size_mb: int, front: str, body_buffer: str = "1m") -> 
         out = work / "out.safetensors"
 
         def step(name, fn, nb=nbytes):
+            os.sync()
             front_cpu0 = cpu_seconds(nginx.pid)
             with Meter(hub.pid) as m:
                 fn()
             front_cpu = cpu_seconds(nginx.pid) - front_cpu0
-            rows[name] = {"mb_s": nb / 1e6 / m.seconds, "seconds": m.seconds, "cpu_s_per_gb": m.cpu / (nb / 1e9),
-                          "front_cpu_s_per_gb": front_cpu / (nb / 1e9),
-                          "rss_growth_mb": m.rss_growth, "rss_peak_mb": m.rss_peak}
-
-        # The anchors, three times each (interleaved; the median): one copy of a freshly
-        # written file swings 5x here with the other jobs' writeback.
-        os.sync()
-        copies, rw_copies = [], []
-        for _ in range(3):
-            t = time.perf_counter()
-            shutil.copyfile(weights, work / "copy.safetensors")
-            os.remove(work / "copy.safetensors")
-            copies.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            with open(weights, "rb") as src, open(work / "copy.safetensors", "wb") as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
-            os.remove(work / "copy.safetensors")
-            rw_copies.append(time.perf_counter() - t)
-        copy_s, rw_copy_s = sorted(copies)[1], sorted(rw_copies)[1]
-        print(f"copy anchors MB/s: kernel {[round(mb / c) for c in copies]}, "
-              f"user-space {[round(mb / c) for c in rw_copies]} (the medians are used)", flush=True)
+            samples.setdefault(name, []).append(
+                {"mb_s": nb / 1e6 / m.seconds, "seconds": m.seconds, "cpu_s_per_gb": m.cpu / (nb / 1e9),
+                 "front_cpu_s_per_gb": front_cpu / (nb / 1e9), "rss_growth_mb": m.rss_growth,
+                 "rss_peak_mb": m.rss_peak})
 
         put = ("-H", auth, "-H", "Expect:", "-H", "Content-Type: application/octet-stream")
-        step("PUT via nginx", lambda: curl(*put, "-T", str(weights), f"{url}/api/v1/uploads/{digest}"))
-        step("PUT direct", lambda: curl(*put, "-T", str(direct), f"{hub_url}/api/v1/uploads/{direct_digest}"))
         config_sha = sha256_file(config)
         curl(*put, "-T", str(config), f"{url}/api/v1/uploads/{config_sha}")
-        commit = json.dumps({"slug": "bench-base", "files": [{"path": "model.safetensors", "sha256": digest},
-                                                             {"path": "config.json", "sha256": config_sha}]})
-        curl("-H", auth, "-H", "Content-Type: application/json", "--data-binary", commit,
-             url + "/api/v1/base-models/")
         file_url = url + "/api/v1/base-models/bench-base/files/model.safetensors"
-        step("download via nginx", lambda: curl("-H", auth, "-o", str(out), file_url))
-        assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
-        out.unlink()
         lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
-        step("range via nginx", lambda: curl("-H", auth, "-r", f"{lo}-{hi}", "-o", str(out), file_url),
-             nb=hi - lo + 1)
-        assert out.stat().st_size == hi - lo + 1, "range has the wrong length"
-        out.unlink()
+        for rnd in range(repeat):
+            anchors.append(copy_anchors(weights, work / "copy.safetensors"))
+            # Bytes new to the hub for each PUT (a staged blob is answered 200 without a transfer
+            # only by HEAD; PUT always reads the body, but the store would keep the first copy).
+            via, direct = work / "via.safetensors", work / "direct.safetensors"
+            flip_last_byte(weights, via, 2 * rnd)
+            flip_last_byte(weights, direct, 2 * rnd + 1)
+            via_sha, direct_sha = sha256_file(via), sha256_file(direct)
+            step("PUT via nginx", partial(curl, *put, "-T", str(via), f"{url}/api/v1/uploads/{via_sha}"))
+            step("PUT direct", partial(curl, *put, "-T", str(direct), f"{hub_url}/api/v1/uploads/{direct_sha}"))
+            via.unlink()
+            direct.unlink()
+            if rnd == 0:
+                curl(*put, "-T", str(weights), f"{url}/api/v1/uploads/{digest}")
+                commit = json.dumps({"slug": "bench-base", "files": [
+                    {"path": "model.safetensors", "sha256": digest}, {"path": "config.json", "sha256": config_sha}]})
+                curl("-H", auth, "-H", "Content-Type: application/json", "--data-binary", commit,
+                     url + "/api/v1/base-models/")
+            step("download via nginx", lambda: curl("-H", auth, "-o", str(out), file_url))
+            assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
+            out.unlink()
+            step("download via nginx to /dev/null", lambda: curl("-H", auth, "-o", "/dev/null", file_url))
+            step("range via nginx", lambda: curl("-H", auth, "-r", f"{lo}-{hi}", "-o", str(out), file_url),
+                 nb=hi - lo + 1)
+            assert out.stat().st_size == hi - lo + 1, "range has the wrong length"
+            out.unlink()
         left = [p for p in (blobs / ".nginx-body").rglob("*") if p.is_file()]
         assert not left, f"nginx left its body files: {left}"
-        return {"size_mb": mb, "storage": f"fs+{front}", "copy_mb_s": mb / copy_s, "rw_copy_mb_s": mb / rw_copy_s,
+        rows, copy_mb_s, rw_copy_mb_s = summarize(samples, anchors, mb)
+        return {"size_mb": mb, "storage": f"fs+{front}", "copy_mb_s": copy_mb_s, "rw_copy_mb_s": rw_copy_mb_s,
+                "anchors_mb_s": [{k: round(mb / v) for k, v in a.items()} for a in anchors],
                 "steps": rows, "load": os.getloadavg()}
     finally:
         if nginx is not None:
@@ -432,32 +476,34 @@ def main():
     ap.add_argument("--storage", choices=["fs", "s3"], nargs="+", default=["fs"])
     ap.add_argument("--root", type=Path, default=ROOT, help="the source tree to serve (default: this one)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
-    ap.add_argument("--downloads", type=int, default=1, help="full downloads in a row (CPU per GB is noisy)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of every step and anchor (the medians are shown)")
     ap.add_argument("--only-downloads", action="store_true", help="upload and downloads only: no Range, no HF client")
     ap.add_argument("--front", choices=["nginx"], help="staged upload and download through this front server "
                     "(UPLOAD_ACCEL=nginx, BLOB_ACCEL=x-accel-redirect; filesystem blobs), beside a direct PUT")
     ap.add_argument("--body-buffer", default="1m", help="nginx client_body_buffer_size for --front (default 1m)")
     args = ap.parse_args()
     print(f"root {args.root}  load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}  cores {os.cpu_count()}")
-    print("MB = 10^6 bytes. copy: shutil.copyfile (kernel copy); rw copy: read/write 8 MiB through user space")
-    print(f"{'storage':>7} {'MB':>6} {'step':>20} {'MB/s':>8} {'copy MB/s':>10} {'x copy':>7} {'rw copy':>8} "
-          f"{'x rw':>6} {'web CPU s/GB':>13} {'RSS +MB':>8} {'RSS peak MB':>12} {'load1':>6} {'nginx CPU s/GB':>15}")
+    print("MB = 10^6 bytes. Medians of --repeat rounds. cp: coreutils cp (kernel copy); rw: read/write 8 MiB "
+          "through user space")
+    print(f"{'storage':>8} {'MB':>6} {'step':>32} {'MB/s':>6} {'x cp':>5} {'x rw':>5} {'web CPU s/GB':>12} "
+          f"{'RSS +MB':>7} {'RSS peak':>8} {'nginx CPU s/GB':>14}  samples MB/s")
     results = []
     runs = [(storage, size) for storage in args.storage for size in args.size_mb]
     if args.front:
         runs = [(f"fs+{args.front}", size) for size in args.size_mb]
     for storage, size in runs:
         if args.front:
-            r = run_front(args.root, size, args.front, args.body_buffer)
+            r = run_front(args.root, size, args.front, args.body_buffer, args.repeat)
         else:
-            r = run_once(args.root, size, storage, args.downloads, args.only_downloads)
+            r = run_once(args.root, size, storage, args.repeat, args.only_downloads)
         results.append(r)
+        print(f"{storage:>8} {r['size_mb']:6.0f} {'anchors: cp / rw copy':>32} {r['copy_mb_s']:6.0f} / "
+              f"{r['rw_copy_mb_s']:.0f}  (rounds: {r['anchors_mb_s']}; load1 {r['load'][0]:.2f})")
         for name, s in r["steps"].items():
-            front = f"{s['front_cpu_s_per_gb']:15.2f}" if "front_cpu_s_per_gb" in s else f"{'-':>15}"
-            print(f"{storage:>7} {r['size_mb']:6.0f} {name:>20} {s['mb_s']:8.0f} {r['copy_mb_s']:10.0f} "
-                  f"{s['mb_s'] / r['copy_mb_s']:7.2f} {r['rw_copy_mb_s']:8.0f} {s['mb_s'] / r['rw_copy_mb_s']:6.2f} "
-                  f"{s['cpu_s_per_gb']:13.2f} {s['rss_growth_mb']:8.1f} "
-                  f"{s['rss_peak_mb']:12.0f} {r['load'][0]:6.2f} {front}", flush=True)
+            front = f"{s['front_cpu_s_per_gb']:14.2f}" if "front_cpu_s_per_gb" in s else f"{'-':>14}"
+            print(f"{storage:>8} {r['size_mb']:6.0f} {name:>32} {s['mb_s']:6.0f} {s['mb_s'] / r['copy_mb_s']:5.2f} "
+                  f"{s['mb_s'] / r['rw_copy_mb_s']:5.2f} {s['cpu_s_per_gb']:12.2f} {s['rss_growth_mb']:7.1f} "
+                  f"{s['rss_peak_mb']:8.0f} {front}  {s['samples_mb_s']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
