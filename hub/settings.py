@@ -158,6 +158,10 @@ if BLOB_ACCEL not in ("", "x-accel-redirect", "x-sendfile"):
 # only for a regular file under UPLOAD_ACCEL_ROOT (nginx's client_body_temp_path,
 # on the blob root's filesystem so the commit is a hard link). docs/deploy.md
 UPLOAD_ACCEL = env.str("UPLOAD_ACCEL", default="")
+# Resumable uploads (a PUT with Content-Range) keep the bytes received so far
+# here until the rest arrives: by default inside BLOB_ROOT (HUB_HOME with S3).
+# Every web host of one hub must see the same folder (docs/deploy.md).
+PARTIAL_UPLOAD_DIR = env.str("PARTIAL_UPLOAD_DIR", default="")
 UPLOAD_ACCEL_ROOT = env.str("UPLOAD_ACCEL_ROOT", default="")
 if UPLOAD_ACCEL not in ("", "nginx"):
     raise ImproperlyConfigured(f"UPLOAD_ACCEL={UPLOAD_ACCEL!r}: use nginx or leave it empty.")

@@ -40,6 +40,7 @@ BIG_CHUNK = 8 * 1024 * 1024
 S3_PART = 16 * 1024 * 1024
 S3_PARTS_IN_FLIGHT = 4
 UPLOAD_DIR = ".uploads"  # under the blob root: spooled uploads, hard-linked into place
+PARTIAL_DIR = ".partial"  # under the blob root: resumable uploads cut off halfway (hub/registry/partial_uploads.py)
 # Files without a row younger than this are kept: an upload writes its file
 # before its row commits, and a large one may take a while.
 GC_GRACE_SECONDS = 3600
@@ -101,6 +102,21 @@ def upload_temp_dir() -> str | None:
     path = Path(_storage().location) / UPLOAD_DIR
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def partial_upload_dir() -> Path:
+    """Where a resumable upload keeps the bytes that arrived until the rest
+    does. PARTIAL_UPLOAD_DIR when set; else a folder inside the blob root on
+    the filesystem backend (the finished file is committed by a link), or
+    under HUB_HOME with S3 (the finished file is sent from there)."""
+    if settings.PARTIAL_UPLOAD_DIR:
+        path = Path(settings.PARTIAL_UPLOAD_DIR)
+    elif is_s3():
+        path = Path(settings.HUB_HOME) / "partial-uploads"
+    else:
+        path = Path(_storage().location) / PARTIAL_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _source_path(fileobj) -> str | None:
@@ -277,8 +293,53 @@ def blob_batch() -> Iterator[BlobBatch]:
 
 
 def open_blob(blob: Blob) -> BinaryIO:
-    """A seekable binary file object over the blob's bytes."""
+    """A seekable binary file object over the blob's bytes. On S3, reads are
+    ranged GETs of what is asked (the storage's own file object would first
+    copy the whole object into memory: a 16 GB base on a commit's header check)."""
+    if is_s3():
+        return io.BufferedReader(_S3RangeReader(blob), buffer_size=CHUNK)
     return _storage().open(blob.key, "rb")
+
+
+class _S3RangeReader(io.RawIOBase):
+    """A read-only, seekable view of one S3 object: each read is one ranged GET."""
+
+    def __init__(self, blob: Blob):
+        storage = _storage()
+        self._client, self._bucket = storage.bucket.meta.client, storage.bucket.name
+        self._key, self._size, self._pos = _s3_key(blob.key), blob.size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        body = self._client.get_object(Bucket=self._bucket, Key=self._key,
+                                       Range=f"bytes={self._pos}-{self._pos + n - 1}")["Body"]
+        view, got = memoryview(buffer), 0
+        try:
+            for chunk in body.iter_chunks(CHUNK):
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
+        finally:
+            body.close()
+        self._pos += got
+        return got
 
 
 def iter_blob(blob: Blob, start: int = 0, length: int | None = None, chunk: int = BIG_CHUNK) -> Iterator[bytes]:
@@ -425,21 +486,25 @@ def expire_staged(cutoff: datetime, dry_run: bool = False) -> list[str]:
 def collect_garbage(grace_seconds: float, dry_run: bool = False) -> list[str]:
     """Delete stored blob files that have no Blob row and were written more
     than `grace_seconds` ago (a crashed upload's bytes, a delete whose commit
-    failed), and staged uploads untouched for as long with their blobs when
-    nothing else keeps them (a push never committed); returns their keys. The
+    failed), staged uploads untouched for as long with their blobs when
+    nothing else keeps them (a push never committed), and partial uploads
+    (a resumable PUT cut off) as old; returns their keys. The
     grace spares files of uploads in flight; the placeholder row of
     `_delete_unless_held` spares a put that starts now."""
     cutoff = timezone.now() - timedelta(seconds=grace_seconds)
     removed = expire_staged(cutoff, dry_run=dry_run)
+    # A spooled upload whose process died (no request holds it any more), and a
+    # resumable upload cut off and not resumed within the grace: its last write set its mtime.
     spool = None if is_s3() else Path(_storage().location) / UPLOAD_DIR
-    for path in spool.iterdir() if spool is not None and spool.is_dir() else ():
-        try:  # a spooled upload whose process died: no request holds it any more
-            if datetime.fromtimestamp(path.stat().st_mtime, tz=UTC) < cutoff:
-                if not dry_run:
-                    path.unlink()
-                removed.append(f"{UPLOAD_DIR}/{path.name}")
-        except FileNotFoundError:
-            continue
+    for folder, label in ((spool, UPLOAD_DIR), (partial_upload_dir(), PARTIAL_DIR)):
+        for path in folder.iterdir() if folder is not None and folder.is_dir() else ():
+            try:
+                if datetime.fromtimestamp(path.stat().st_mtime, tz=UTC) < cutoff:
+                    if not dry_run:
+                        path.unlink()
+                    removed.append(f"{label}/{path.name}")
+            except FileNotFoundError:
+                continue
     for key, modified in _stored_files():
         sha256 = key.rsplit("/", 1)[-1]
         if key != blob_key(sha256) or modified > cutoff:

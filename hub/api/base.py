@@ -21,10 +21,16 @@ def _has_nul(value) -> bool:
 class ApiView(APIView):
     schema = ApiSchema()
 
+    def streams_body(self, request) -> bool:
+        """True for a request whose view reads the body itself, as a stream of
+        bytes (a resumable upload's part): it is not parsed here first."""
+        return False
+
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
         # PostgreSQL refuses NUL in text and jsonb: a query, path or body with one would be a 500 there.
-        body = request.data if request.method in ("POST", "PUT", "PATCH") else None
+        parsed = request.method in ("POST", "PUT", "PATCH") and not self.streams_body(request)
+        body = request.data if parsed else None
         if hasattr(body, "lists"):  # a QueryDict (form or multipart): every value of every key
             body = dict(body.lists())
         if _has_nul(dict(request.query_params.lists())) or _has_nul(kwargs) or _has_nul(body):

@@ -8,6 +8,10 @@ body goes through the same upload handler as a multipart file
 (`HashingUploadHandler`: spooled into the blob store's folder, counted, 413
 past `MAX_UPLOAD_BYTES`, hashed as it arrives), then is linked into the store.
 
+A PUT with `Content-Range` is resumable (hub/registry/partial_uploads.py):
+its bytes are kept as they arrive, and HEAD's `Upload-Offset` tells a client
+that was cut off where to continue.
+
 With `UPLOAD_ACCEL=nginx` the front server stores the body itself and sends
 only its path (`X-Upload-File`) and length (`X-Upload-Length`): the hub
 checks, hashes and links that file and never reads the body. Without the
@@ -16,6 +20,7 @@ setting that header is refused, never followed (docs/deploy.md).
 
 import io
 import os
+from contextlib import ExitStack
 
 from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
@@ -25,8 +30,10 @@ from rest_framework.parsers import FileUploadParser
 from rest_framework.response import Response
 
 from hub.api.base import ApiView
+from hub.api.errors import error_response
 from hub.api.schema import error
 from hub.registry import services
+from hub.registry.partial_uploads import UploadConflict, parse_content_range, receive_range, received_bytes
 from hub.registry.services import IncomingFile
 from hub.registry.uploads import UploadTooLarge, open_front_server_upload
 from hub.registry.validation import ValidationError
@@ -48,9 +55,16 @@ class StagedSerializer(serializers.Serializer):
     size = serializers.IntegerField()
 
 
+class PartialSerializer(StagedSerializer):
+    received = serializers.IntegerField()
+
+
 class Upload(ApiView):
     permission_classes = [permissions.IsAuthenticated]
     parser_classes = [RawBodyParser]
+
+    def streams_body(self, request) -> bool:
+        return request.method == "PUT" and "HTTP_CONTENT_RANGE" in request.META
 
     def initial(self, request, *args, **kwargs):
         # Before anything reads the body: a file name from the client is never followed.
@@ -61,12 +75,27 @@ class Upload(ApiView):
 
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},
-        responses={201: StagedSerializer, 200: StagedSerializer, 400: error(400),
+        responses={201: StagedSerializer, 200: StagedSerializer,
+                   202: OpenApiResponse(PartialSerializer, description="A part with Content-Range arrived; the "
+                                        "file is not whole yet. Upload-Offset: the bytes the hub holds."),
+                   400: error(400), 409: error(409, "The part does not start at Upload-Offset "
+                                                    "(upload_offset_mismatch), or another request is sending "
+                                                    "this file (upload_in_progress)."),
                    411: error(400, "No Content-Length: send the file with one."), 413: error(413)},
         description="Stage one file for a commit: the raw body, whose sha256 must be the one in the URL. "
-                    "201 when newly staged, 200 when this user had staged it already.",
+                    "201 when newly staged, 200 when this user had staged it already. With "
+                    "`Content-Range: bytes START-END/TOTAL` the body is a part of the file, kept as it arrives: "
+                    "a transfer cut off halfway resumes from the byte HEAD's Upload-Offset names. "
+                    "`Content-Range: bytes */TOTAL` with an empty body says where the upload stands, and "
+                    "stages it if every byte has arrived.",
     )
     def put(self, request, sha256):
+        if "HTTP_CONTENT_RANGE" in request.META:
+            try:
+                return self._put_range(request, sha256, parse_content_range(request.META["HTTP_CONTENT_RANGE"]))
+            except UploadConflict as e:
+                headers = {} if e.received is None else {"Upload-Offset": str(e.received)}
+                return error_response(e.code, e.detail, e.status, headers=headers)
         if settings.UPLOAD_ACCEL == "nginx" and "HTTP_X_UPLOAD_FILE" in request.META:
             return self._put_front_server_file(request, sha256, request.META["HTTP_X_UPLOAD_FILE"])
         if not request.META.get("CONTENT_LENGTH"):  # a chunked body would read as empty
@@ -86,6 +115,38 @@ class Upload(ApiView):
         finally:
             if uploaded is not None:
                 uploaded.close()  # the spooled temporary file: linked into the store or gone
+        return Response({"sha256": blob.sha256, "size": blob.size}, status=201 if created else 200)
+
+    def _put_range(self, request, sha256, rng):
+        """A resumable part (hub/registry/partial_uploads.py): 202 with the bytes
+        held so far until the file is whole, then staged as 201 or 200."""
+        declared = request.META.get("HTTP_X_UPLOAD_LENGTH") if "HTTP_X_UPLOAD_FILE" in request.META else None
+        length = declared if declared is not None else request.META.get("CONTENT_LENGTH") or ""
+        if rng.start is None and length not in ("", "0"):
+            raise ValidationError("bad_content_range", "Content-Range 'bytes */TOTAL' asks where the upload "
+                                  "stands or finishes it: send it with an empty body.")
+        if rng.start is not None and not length.isdigit():
+            return Response({"error": "length_required", "detail": "Send the part with a Content-Length header."},
+                            status=411)
+        if rng.start is not None and int(length) != rng.length:
+            raise ValidationError("bad_content_range", f"The body has {length} bytes; Content-Range "
+                                  f"{rng.start}-{rng.end} names {rng.length}.")
+        with ExitStack() as stack:
+            front = None
+            if "HTTP_X_UPLOAD_FILE" in request.META and rng.start is not None:
+                if rng.start == 0 and rng.length == rng.total:  # the whole file in nginx's hands: link it
+                    return self._put_front_server_file(request, sha256, request.META["HTTP_X_UPLOAD_FILE"])
+                front = stack.enter_context(open_front_server_upload(request.META["HTTP_X_UPLOAD_FILE"]))
+                if os.fstat(front.fileno()).st_size != rng.length:
+                    raise ValidationError("incomplete_body", "The front server's file of this part is not the "
+                                          "part's length; nothing was kept.")
+            got = stack.enter_context(receive_range(request.user.pk, sha256, rng, body=request.stream,
+                                                    front_file=front))
+            if got.complete is None:
+                return Response({"sha256": sha256, "size": got.total, "received": got.received}, status=202,
+                                headers={"Upload-Offset": str(got.received)})
+            upload = IncomingFile(path=sha256, fileobj=got.complete, sha256=got.sha256, size=got.total)
+            blob, created = services.stage_upload(user=request.user, sha256=sha256, upload=upload)
         return Response({"sha256": blob.sha256, "size": blob.size}, status=201 if created else 200)
 
     def _put_front_server_file(self, request, sha256, path):
@@ -111,11 +172,13 @@ class Upload(ApiView):
 
     @extend_schema(
         responses={200: OpenApiResponse(description="This user staged the blob, or may read it already."),
-                   404: OpenApiResponse(description="Not staged by this user (send it with PUT).")},
+                   404: OpenApiResponse(description="Not staged by this user (send it with PUT). With an "
+                                        "Upload-Offset header: the bytes of a resumable PUT the hub holds.")},
         description="Whether a commit of this user may name the blob without sending it again.",
     )
     def head(self, request, sha256):
         blob = services.usable_blobs(request.user, [sha256]).get(sha256)
         if blob is None:
-            return Response(status=404)
+            received = received_bytes(request.user.pk, sha256)
+            return Response(status=404, headers={} if received is None else {"Upload-Offset": str(received)})
         return Response(status=200, headers={"ETag": f'"{blob.sha256}"', "X-Blob-Size": str(blob.size)})

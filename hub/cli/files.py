@@ -2,8 +2,10 @@
 once under one byte bar with MB/s. A download resumes from its `.incomplete`
 with a Range request and is checked against the listed sha256; an upload is
 staged on its own (`PUT /api/v1/uploads/{sha256}`, streamed from disk) unless
-the hub says it has it already (HEAD), so a re-run push resumes, and the
-caller then commits all the files by sha256 in one request."""
+the hub says it has it already (HEAD), and resumes from the byte the hub
+holds (HEAD's Upload-Offset, a PUT with Content-Range), so a push cut off
+halfway through a multi-GB file continues where it stopped. The caller then
+commits all the files by sha256 in one request."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from hub.cli.client import API, Client, ServerError, UserError, adapter_path, fi
 TRANSFER_TIMEOUT = httpx.Timeout(connect=10.0, read=1800.0, write=600.0, pool=10.0)
 PARALLEL_FILES = int(os.environ.get("HUBCTL_PARALLEL_FILES", "4"))
 PIECE = 4 * 1024 * 1024  # bytes per read from the response: few Python round trips per GB
+UPLOAD_TRIES = int(os.environ.get("HUBCTL_UPLOAD_TRIES", "3"))  # resumes of a cut-off upload in one run
 
 
 def sha256_file(path: Path) -> str:
@@ -117,34 +120,81 @@ def _size(source: Source) -> int:
     return len(source) if isinstance(source, bytes) else source.stat().st_size
 
 
-def _pieces(path: Path, bar: progress.TransferBar):
-    """The file in PIECE-sized reads, each moving the bar: httpx sends them as
-    they come, so memory holds one piece whatever the file's size."""
-    with progress.ProgressFile(path, bar) as f:
+def _pieces(path: Path, offset: int, bar: progress.TransferBar, sent: list[int]):
+    """The file from `offset` in PIECE-sized reads, each moving the bar and
+    counted in sent[0]: httpx sends them as they come, so memory holds one
+    piece whatever the file's size."""
+    with open(path, "rb") as f:
+        f.seek(offset)
         while chunk := f.read(PIECE):
+            bar.advance(len(chunk))
+            sent[0] += len(chunk)
             yield chunk
 
 
+def _old_hub(c: Client) -> UserError:
+    return UserError(f"The hub at {c.url} does not take staged uploads (PUT {API}/uploads/...): "
+                     "it is older than this hubctl. Upgrade the hub, or push with the hubctl of its version.")
+
+
 def stage_file(c: Client, source: Source, bar: progress.TransferBar) -> tuple[str, str]:
-    """(sha256, "present" | "uploaded"): the file staged on the hub for a commit."""
+    """(sha256, "present" | "uploaded"): the file staged on the hub for a commit.
+
+    A file on disk goes as a resumable PUT (`Content-Range: bytes N-END/SIZE`)
+    from the byte the hub says it holds (HEAD's Upload-Offset): a transfer cut
+    off is resumed from where it stopped, up to UPLOAD_TRIES times in this run,
+    and by the next run after that."""
     if isinstance(source, bytes):
-        sha, size = hashlib.sha256(source).hexdigest(), len(source)
-    else:
-        sha, size = sha256_file(source), source.stat().st_size
+        sha = hashlib.sha256(source).hexdigest()
+        if c.found(f"{API}/uploads/{sha}"):
+            bar.advance(len(source))
+            return sha, "present"
+        response = c._send("PUT", f"{API}/uploads/{sha}", content=source, timeout=TRANSFER_TIMEOUT,
+                           headers={"Content-Type": "application/octet-stream"})
+        if response.status_code in (404, 405):
+            raise _old_hub(c)
+        raise_for_status(response)
+        bar.advance(len(source))
+        return sha, "uploaded"
+    sha, size = sha256_file(source), source.stat().st_size
     url = f"{API}/uploads/{sha}"
-    if c.found(url):
-        bar.advance(size)
-        return sha, "present"
-    body = source if isinstance(source, bytes) else _pieces(source, bar)
-    response = c._send("PUT", url, content=body, timeout=TRANSFER_TIMEOUT,
-                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-    if response.status_code in (404, 405):  # a hub older than this hubctl: no staged uploads
-        raise UserError(f"The hub at {c.url} does not take staged uploads (PUT {API}/uploads/...): "
-                        "it is older than this hubctl. Upgrade the hub, or push with the hubctl of its version.")
-    raise_for_status(response)
-    if isinstance(source, bytes):
-        bar.advance(size)
-    return sha, "uploaded"
+    counted, cut = 0, None  # bytes of this file the bar shows; the last transfer error
+    for attempt in range(UPLOAD_TRIES):
+        head = c._send("HEAD", url)
+        if head.status_code == 200:
+            bar.advance(size - counted)
+            return sha, "uploaded" if attempt else "present"
+        if head.status_code != 404:
+            raise_for_status(head)
+        offset = int(head.headers.get("Upload-Offset") or 0)
+        offset = offset if offset <= size else 0
+        bar.advance(offset - counted)
+        counted, sent = offset, [0]
+        if offset == size:  # every byte arrived, the commit did not: finish it
+            body, rng = b"", f"bytes */{size}"
+        else:
+            body, rng = _pieces(source, offset, bar, sent), f"bytes {offset}-{size - 1}/{size}"
+        try:
+            response = c.http.request("PUT", url, content=body, timeout=TRANSFER_TIMEOUT, headers={
+                "Content-Type": "application/octet-stream", "Content-Length": str(size - offset),
+                "Content-Range": rng})
+        except httpx.TransportError as exc:  # cut off: the hub keeps what arrived
+            counted += sent[0]
+            cut = exc
+            continue
+        counted += sent[0]
+        if response.status_code in (404, 405):
+            raise _old_hub(c)
+        if response.status_code == 409 and response.headers.get("Upload-Offset") is not None:
+            continue  # the hub holds another count of bytes than HEAD said: ask again
+        raise_for_status(response)
+        if response.status_code == 202:  # not whole yet (bytes lost on the way): send the rest
+            continue
+        bar.advance(size - counted)
+        return sha, "uploaded"
+    held = int(c._send("HEAD", url).headers.get("Upload-Offset") or 0)
+    raise ServerError(f"{source.name}: the upload was cut off {UPLOAD_TRIES} times (last: {cut or 'incomplete'}); "
+                      f"the hub keeps {held} of {size} bytes: run the same command again to send the rest.")
 
 
 def push_files(c: Client, sources: list[Source], description: str) -> tuple[list[str], list[str]]:

@@ -62,42 +62,6 @@ class TransferBar:
         self.progress.update(self.task, description=text)
 
 
-class ProgressFile:
-    """A binary file whose reads move a TransferBar: httpx streams multipart
-    parts by reading file objects in chunks, so memory stays flat."""
-
-    def __init__(self, path, bar: TransferBar | None):
-        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._bar = bar
-        self._high = 0  # bytes already counted (httpx may rewind and read again)
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self._f.read(n)
-        pos = self._f.tell()
-        if self._bar is not None and pos > self._high:
-            self._bar.advance(pos - self._high)
-            self._high = pos
-        return chunk
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def fileno(self) -> int:
-        return self._f.fileno()
-
-    def close(self):
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def _job_line(job: dict) -> str:
     pct = f"{100 * float(job.get('progress') or 0):.0f}%"
     msg = job.get("message") or ""

@@ -2,7 +2,8 @@
 /api/v1/uploads/{sha256}`, streamed from disk), skip those the hub has
 (`HEAD`), then commit once: the revision is the one a single multipart
 upload made, and a push interrupted before its commit resumes, sending
-only the files that had not arrived."""
+only the files that had not arrived, and of a file cut off halfway only
+the bytes the hub does not hold (a resumable PUT with Content-Range)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 
@@ -49,16 +51,24 @@ class Recorder:
     """Patches hubctl's httpx client: records (method, path, status, content type) of each
     request, keeps PUTs in flight for a while (to see them overlap), and fails chosen PUTs."""
 
-    def __init__(self, monkeypatch, delay: float = 0.0, fail_shas: frozenset[str] = frozenset()):
+    def __init__(self, monkeypatch, delay: float = 0.0, fail_shas: frozenset[str] = frozenset(),
+                 fail_once: frozenset[str] = frozenset()):
         self.lock = threading.Lock()
         self.sent: list[tuple[str, str, int, str]] = []
+        self.ranges: list[tuple[str, str]] = []  # (sha256, Content-Range) of each PUT
+        failed_once: set[str] = set()
         self.now = self.most = 0
         recorder = self
 
         class Recording(REAL_CLIENT):
             def send(self, request, **kwargs):
                 is_put = request.method == "PUT"
-                if is_put and request.url.path.rsplit("/", 1)[-1] in fail_shas:
+                sha = request.url.path.rsplit("/", 1)[-1]
+                if is_put:
+                    with recorder.lock:
+                        recorder.ranges.append((sha, request.headers.get("content-range", "")))
+                if is_put and (sha in fail_shas or (sha in fail_once and sha not in failed_once)):
+                    failed_once.add(sha)
                     raise httpx.WriteError("connection lost (test)")
                 if is_put:
                     with recorder.lock:
@@ -136,7 +146,8 @@ def test_an_interrupted_push_resumes_with_the_missing_files_only(registered, hub
     # 1. The weights' upload breaks: the other files arrive, no revision is made.
     first = Recorder(monkeypatch, fail_shas=frozenset({weights}))
     r = hubctl("push", big_folder, "--base", "tiny-base", "--name", "alice/resumed", token=tokens["alice"])
-    assert_clean_failure(r, 2, "Cannot reach the hub")
+    assert_clean_failure(r, 2, "adapter_model.safetensors: the upload was cut off 3 times",
+                         "run the same command again")
     arrived = first.puts(201)
     assert arrived and weights not in arrived and arrived < set(local.values())
     assert first.commits("/api/v1/adapters/") == []
@@ -174,6 +185,55 @@ def test_an_interrupted_push_resumes_with_the_missing_files_only(registered, hub
     assert r.code == 0, r.err
     assert fourth.puts() == set()
     assert revision_files("alice/again", tokens["alice"]) == local_shas(big_folder)
+
+
+def cut_off_put(url: str, token: str, data: bytes, sent: int) -> bytes:
+    """A resumable PUT of `data` whose client goes away after `sent` bytes of
+    the body (a real socket, half closed): the hub's answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall((f"PUT /api/v1/uploads/{sha256(data)} HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\n"
+                   f"Content-Length: {len(data)}\r\nContent-Range: bytes 0-{len(data) - 1}/{len(data)}\r\n"
+                   "Connection: close\r\n\r\n").encode() + data[:sent])
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+@live
+def test_a_file_cut_off_halfway_resumes_from_the_byte_it_reached(registered, hub, hubctl, tokens, big_folder,  # noqa: F811
+                                                                 monkeypatch):
+    from hub.cli.client import Client
+
+    big = os.urandom(5 * 1024 * 1024 + 11)
+    (big_folder / "corpus.txt").write_bytes(big)
+    sent = 2 * 1024 * 1024 + 3
+    answer = cut_off_put(hub, tokens["alice"], big, sent)
+    assert b" 400 " in answer.split(b"\r\n", 1)[0] and b"incomplete_body" in answer
+    with Client(token=tokens["alice"]) as c:
+        h = c.http.head(f"/api/v1/uploads/{sha256(big)}")
+    assert h.status_code == 404 and h.headers["Upload-Offset"] == str(sent)
+
+    rec = Recorder(monkeypatch)
+    r = hubctl("push", big_folder, "--base", "tiny-base", "--name", "alice/cut", token=tokens["alice"])
+    assert r.code == 0, r.err
+    assert (sha256(big), f"bytes {sent}-{len(big) - 1}/{len(big)}") in rec.ranges  # only the rest travelled
+    assert [rng for sha, rng in rec.ranges if sha == sha256(big)] == [f"bytes {sent}-{len(big) - 1}/{len(big)}"]
+    assert revision_files("alice/cut", tokens["alice"]) == local_shas(big_folder)
+
+
+@live
+def test_a_transfer_error_is_resumed_within_the_same_run(registered, hubctl, tokens, big_folder,  # noqa: F811
+                                                         monkeypatch):
+    weights = local_shas(big_folder)["adapter_model.safetensors"]
+    rec = Recorder(monkeypatch, fail_once=frozenset({weights}))
+    r = hubctl("push", big_folder, "--base", "tiny-base", "--name", "alice/retried", token=tokens["alice"])
+    assert r.code == 0, r.err
+    assert [sha for sha, _ in rec.ranges].count(weights) == 2  # the failed try, then the resumed one
+    assert revision_files("alice/retried", tokens["alice"]) == local_shas(big_folder)
 
 
 @live

@@ -218,6 +218,32 @@ def test_upload_through_gunicorn_is_hashed_and_linked(gunicorn_hub, staff_user, 
     assert list((Path(settings.BLOB_ROOT) / ".uploads").iterdir()) == []  # the spool is gone with the request
 
 
+def test_a_put_cut_off_at_gunicorn_keeps_its_bytes_and_the_resume_reads_only_the_rest(
+        gunicorn_hub, user, token_for, settings, tmp_path):
+    from hub.storage import blob_key
+    from tests.cli.test_push_parallel import cut_off_put
+
+    url, _ = gunicorn_hub
+    token = token_for(user)
+    data = os.urandom(6 * 1024 * 1024 + 5)
+    sha, sent = hashlib.sha256(data).hexdigest(), 4 * 1024 * 1024 + 1
+    answer = cut_off_put(url, token, data, sent)
+    assert b"incomplete_body" in answer, answer[:300]
+    auth = {"Authorization": f"Bearer {token}"}
+    h = httpx.head(f"{url}/api/v1/uploads/{sha}", headers=auth)
+    assert h.status_code == 404 and h.headers["upload-offset"] == str(sent)
+
+    body_log = tmp_path / "body_reads.log"
+    body_log.unlink(missing_ok=True)
+    r = httpx.put(f"{url}/api/v1/uploads/{sha}", content=data[sent:], timeout=60, headers={
+        **auth, "Content-Type": "application/octet-stream",
+        "Content-Range": f"bytes {sent}-{len(data) - 1}/{len(data)}"})
+    assert r.status_code == 201, r.text
+    assert sum(int(n) for n in body_log.read_text().split()) == len(data) - sent  # the rest, read once
+    assert (Path(settings.BLOB_ROOT) / blob_key(sha)).read_bytes() == data
+    assert list((Path(settings.BLOB_ROOT) / ".partial").iterdir()) == []
+
+
 # --- the parts, without a server ------------------------------------------------------------------
 
 
@@ -346,6 +372,44 @@ def test_s3_multipart_upload_and_ranged_proxy(s3_storage, transactional_db, clie
     assert b"".join(iter_blob(blob, 0, 0)) == b""
     assert copy_to_path(blob, settings.HUB_HOME / "copy.bin").read_bytes() == payload
     (settings.HUB_HOME / "copy.bin").unlink()
+
+
+    # open_blob reads what is asked, by ranged GETs: never the whole object into memory.
+    import tracemalloc
+
+    from hub.storage import open_blob
+
+    tracemalloc.start()
+    with open_blob(blob) as f:
+        assert f.read(8) == payload[:8]
+        f.seek(S3_PART + 5)
+        assert f.read(100) == payload[S3_PART + 5:S3_PART + 105]
+        assert f.seek(0, os.SEEK_END) == len(payload) and f.read(10) == b""
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"{peak} bytes held to read a few bytes of a {len(payload)}-byte object"
+
+
+def test_s3_resumable_upload_is_kept_on_disk_then_sent_in_parts(s3_storage, transactional_db, client_for, user,
+                                                                settings):
+    from hub.storage import S3_PART, blob_key, partial_upload_dir
+
+    payload = os.urandom(S3_PART + 999)
+    sha, cut = hashlib.sha256(payload).hexdigest(), S3_PART // 2
+    api = client_for(user)
+
+    def part(start, end):
+        return api.generic("PUT", f"/api/v1/uploads/{sha}", payload[start:end], content_type="application/octet-stream",
+                           HTTP_CONTENT_RANGE=f"bytes {start}-{end - 1}/{len(payload)}")
+
+    assert part(0, cut).status_code == 202
+    assert partial_upload_dir() == Path(settings.HUB_HOME) / "partial-uploads"  # S3 has no blob root
+    assert api.head(f"/api/v1/uploads/{sha}")["Upload-Offset"] == str(cut)
+    r = part(cut, len(payload))
+    assert r.status_code == 201, r.content
+    got = s3_storage["client"].get_object(Bucket=s3_storage["bucket"], Key=blob_key(sha))["Body"].read()
+    assert got == payload
+    assert not (partial_upload_dir() / f"{user.pk}-{sha}").exists()
 
 
 def nginx_binary() -> str:

@@ -190,7 +190,7 @@ def test_the_put_operation_keeps_its_schema(client):
     """The refusal hook sits beside `put`, not under its schema decorator."""
     schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
     put = next(op["put"] for path, op in schema["paths"].items() if path.startswith("/api/v1/uploads/"))
-    assert {"200", "201", "400", "411", "413"} <= set(put["responses"])
+    assert {"200", "201", "202", "400", "409", "411", "413"} <= set(put["responses"])
     assert "application/octet-stream" in put["requestBody"]["content"]
 
 
@@ -348,3 +348,30 @@ def test_on_s3_the_front_servers_file_is_uploaded_from_its_path(accel):
     tmp.write_bytes(b"x" * 100)
     with open_front_server_upload(str(tmp)) as f:
         assert _source_path(f) == str(tmp) == _spooled_path(f)
+
+
+def test_nginx_carries_resumable_parts_too(offload_hub, user, token_for, settings, tmp_path):
+    """A ranged PUT of the whole file is linked like a plain one; the rest of a
+    file cut off earlier is appended from nginx's file in the kernel: gunicorn
+    reads no byte of either body."""
+    from hub.storage import blob_key
+    from tests.cli.test_push_parallel import cut_off_put
+
+    url, _ = offload_hub
+    auth = {"Authorization": f"Bearer {token_for(user)}", "Content-Type": "application/octet-stream"}
+    whole = os.urandom(2 * 1024 * 1024 + 1)
+    r = httpx.put(f"{url}/api/v1/uploads/{sha256(whole)}", content=whole, timeout=60,
+                  headers={**auth, "Content-Range": f"bytes 0-{len(whole) - 1}/{len(whole)}"})
+    assert r.status_code == 201, r.text
+    assert _body_reads(tmp_path) == 0
+    assert (Path(settings.BLOB_ROOT) / blob_key(sha256(whole))).read_bytes() == whole
+
+    data, sent = os.urandom(3 * 1024 * 1024 + 7), 1024 * 1024 + 3
+    assert b"incomplete_body" in cut_off_put(_upstream(tmp_path), token_for(user), data, sent)  # cut at gunicorn
+    before = _body_reads(tmp_path)
+    r = httpx.put(f"{url}/api/v1/uploads/{sha256(data)}", content=data[sent:], timeout=60,
+                  headers={**auth, "Content-Range": f"bytes {sent}-{len(data) - 1}/{len(data)}"})
+    assert r.status_code == 201, r.text
+    assert _body_reads(tmp_path) == before  # the rest came as nginx's file
+    assert (Path(settings.BLOB_ROOT) / blob_key(sha256(data))).read_bytes() == data
+    assert list((Path(settings.BLOB_ROOT) / ".partial").iterdir()) == []
