@@ -2,7 +2,8 @@
 blob files that have no Blob row (left by a crash) and are older than the
 grace period, and staged uploads (`PUT /api/v1/uploads/{sha256}`) untouched
 for as long, with their blobs unless something else refers to them (a push
-never committed). Celery beat runs the same daily (workers.reaper.gc_blobs)."""
+never committed), and the partial files of resumable uploads left as long.
+Celery beat runs the same daily (workers.reaper.gc_blobs)."""
 
 from django.core.management.base import BaseCommand, CommandError
 
