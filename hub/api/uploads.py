@@ -34,6 +34,7 @@ from hub.api.errors import error_response
 from hub.api.schema import error
 from hub.registry import services
 from hub.registry.partial_uploads import UploadConflict, parse_content_range, receive_range, received_bytes
+from hub.registry.request_body import body_reader
 from hub.registry.services import IncomingFile
 from hub.registry.uploads import UploadTooLarge, open_front_server_upload
 from hub.registry.validation import ValidationError
@@ -140,8 +141,8 @@ class Upload(ApiView):
                 if os.fstat(front.fileno()).st_size != rng.length:
                     raise ValidationError("incomplete_body", "The front server's file of this part is not the "
                                           "part's length; nothing was kept.")
-            got = stack.enter_context(receive_range(request.user.pk, sha256, rng, body=request.stream,
-                                                    front_file=front))
+            body = None if front else body_reader(request.META, request.stream, rng.length)
+            got = stack.enter_context(receive_range(request.user.pk, sha256, rng, body=body, front_file=front))
             if got.complete is None:
                 return Response({"sha256": sha256, "size": got.total, "received": got.received}, status=202,
                                 headers={"Upload-Offset": str(got.received)})

@@ -15,6 +15,17 @@ from urllib.parse import quote
 
 import httpx
 
+# httpcore reads a response 64 KiB at a time, and each read is a trip through
+# h11's parser in Python: a multi-GB pull spent more time there than writing
+# to disk. 1 MiB reads (a class attribute httpcore reads per call; hubctl is
+# its own process) cut those trips 16x (docs/deploy.md, "Client side").
+try:
+    from httpcore._sync.http11 import HTTP11Connection
+
+    HTTP11Connection.READ_NUM_BYTES = max(getattr(HTTP11Connection, "READ_NUM_BYTES", 0), 1 << 20)
+except ImportError:  # another httpcore layout: its own read size stands
+    pass
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 API = "/api/v1"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -141,22 +141,28 @@ def _hash_prefix(f: BinaryIO, size: int) -> BackgroundHash:
     return h
 
 
-def _copy_body(stream, f: BinaryIO, length: int, h: BackgroundHash) -> int:
-    """Up to `length` bytes of the request body appended to f and hashed; the
-    count that arrived. A client that goes away mid-body ends the copy early:
-    what arrived is kept for the next request to continue from."""
+def _copy_body(body, f: BinaryIO, length: int, h: BackgroundHash) -> int:
+    """Up to `length` bytes of the request body (`readinto`, hub/registry/request_body.py)
+    appended to f and hashed; the count that arrived. Two buffers take turns:
+    the hash of one piece runs in the background while the next is received.
+    A client that goes away mid-body ends the copy early: what arrived is
+    kept for the next request to continue from."""
+    buffers = [memoryview(bytearray(PIECE)), memoryview(bytearray(PIECE))]
     got = 0
     while got < length:
+        view = buffers[0][:min(PIECE, length - got)]
         try:
-            chunk = stream.read(min(PIECE, length - got))
-        except OSError:  # the connection broke (gunicorn's NoMoreData is an OSError too)
+            n = body.readinto(view)
+        except OSError:  # the connection broke (a timeout, a reset)
             break
-        if not chunk:
+        if not n:
             break
-        f.write(chunk)
-        h.update(chunk)
-        got += len(chunk)
+        f.write(view[:n])
+        h.update(view[:n])  # waits for the previous piece's hash: the other buffer is free again
+        got += n
+        buffers.reverse()
     f.flush()
+    h.hexdigest()  # no hash of a buffer may outlive this call
     return got
 
 

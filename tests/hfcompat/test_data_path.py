@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -218,8 +219,12 @@ def test_upload_through_gunicorn_is_hashed_and_linked(gunicorn_hub, staff_user, 
     assert list((Path(settings.BLOB_ROOT) / ".uploads").iterdir()) == []  # the spool is gone with the request
 
 
-def test_a_put_cut_off_at_gunicorn_keeps_its_bytes_and_the_resume_reads_only_the_rest(
+def test_a_put_cut_off_at_gunicorn_keeps_its_bytes_and_the_resume_sends_only_the_rest(
         gunicorn_hub, user, token_for, settings, tmp_path):
+    """The resumable PUT under gunicorn: the bytes of a client that went away are
+    kept; the rest comes on a keep-alive connection, read from the socket past
+    gunicorn's body buffers (hub/registry/request_body.py), and the next
+    requests on that connection start where they should."""
     from hub.storage import blob_key
     from tests.cli.test_push_parallel import cut_off_put
 
@@ -235,13 +240,46 @@ def test_a_put_cut_off_at_gunicorn_keeps_its_bytes_and_the_resume_reads_only_the
 
     body_log = tmp_path / "body_reads.log"
     body_log.unlink(missing_ok=True)
-    r = httpx.put(f"{url}/api/v1/uploads/{sha}", content=data[sent:], timeout=60, headers={
-        **auth, "Content-Type": "application/octet-stream",
-        "Content-Range": f"bytes {sent}-{len(data) - 1}/{len(data)}"})
-    assert r.status_code == 201, r.text
-    assert sum(int(n) for n in body_log.read_text().split()) == len(data) - sent  # the rest, read once
-    assert (Path(settings.BLOB_ROOT) / blob_key(sha)).read_bytes() == data
+    other = os.urandom(3 * 1024 * 1024)
+    with httpx.Client(base_url=url, headers={**auth, "Content-Type": "application/octet-stream"},
+                      timeout=60) as c:
+        r = c.put(f"/api/v1/uploads/{sha}", content=data[sent:],
+                  headers={"Content-Range": f"bytes {sent}-{len(data) - 1}/{len(data)}"})
+        assert r.status_code == 201, r.text
+        # The same connection carries on: a whole file as one ranged PUT, then a plain one, then a HEAD.
+        sha_other = hashlib.sha256(other).hexdigest()
+        r = c.put(f"/api/v1/uploads/{sha_other}", content=other,
+                  headers={"Content-Range": f"bytes 0-{len(other) - 1}/{len(other)}"})
+        assert r.status_code == 201, r.text
+        plain = b"a plain PUT after them" * 1000
+        assert c.put(f"/api/v1/uploads/{hashlib.sha256(plain).hexdigest()}", content=plain).status_code == 201
+        assert c.head(f"/api/v1/uploads/{sha}").status_code == 200
+    # gunicorn's body reader saw only the plain PUT's bytes: the ranged ones came off the socket.
+    assert sum(int(n) for n in body_log.read_text().split()) == len(plain)
+    for payload in (data, other):
+        assert (Path(settings.BLOB_ROOT) / blob_key(hashlib.sha256(payload).hexdigest())).read_bytes() == payload
     assert list((Path(settings.BLOB_ROOT) / ".partial").iterdir()) == []
+
+
+def test_a_ranged_put_pipelined_with_the_next_request_leaves_it_intact(gunicorn_hub, user, token_for):
+    """A small body arrives with its headers and the next request behind it, in
+    one packet: the socket reader takes the body's bytes only."""
+    url, _ = gunicorn_hub
+    token = token_for(user)
+    data = b"pipelined body " * 7
+    sha = hashlib.sha256(data).hexdigest()
+    host, port = url.removeprefix("http://").split(":")
+    put = (f"PUT /api/v1/uploads/{sha} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+           f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n"
+           f"Content-Range: bytes 0-{len(data) - 1}/{len(data)}\r\n\r\n").encode() + data
+    head = (f"HEAD /api/v1/uploads/{sha} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(put + head)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"201", b"200"], answer[:600]
 
 
 # --- the parts, without a server ------------------------------------------------------------------
