@@ -14,11 +14,14 @@ per step through /proc/PID/clear_refs).
 
 The anchors are coreutils `cp` (copy_file_range: the kernel copies page cache
 to page cache) and a copy through user space in 8 MiB reads and writes (what
-any client that writes a download to disk must at least do). This VM's
-writes swing several-fold from one second to the next (writeback of a
-virtual disk), so every step and both anchors run `--repeat` times,
-interleaved round by round, each after `sync`; the table shows medians and
-the ratios of medians. "download to /dev/null" is the same curl download
+any client that writes a download to disk must at least do). On this VM a
+write() of new file data runs at about 430 MB/s once the machine has been
+idle for a second and at about 4.7 GB/s right after another write (measured
+with dd and a Python loop of 4 MiB writes; cp's copy_file_range stays near
+3 GB/s either way). So every step and both anchors start the same way:
+`sync`, then `--settle` seconds idle (default 2), and all run `--repeat`
+times, interleaved round by round; the table shows medians and the ratios
+of medians. "download to /dev/null" is the same curl download
 with nothing written: the hub's own speed, without the client's disk.
 
     python benchmarks/bench_registry_io.py --size-mb 512 4096 --storage fs s3
@@ -238,15 +241,24 @@ def start_nginx(work: Path, upstream: str, blobs: Path, body_buffer: str) -> tup
     raise SystemExit(f"nginx did not start: {(home / 'error.log').read_text()[-2000:]}")
 
 
-def copy_anchors(src: Path, scratch: Path) -> dict[str, float]:
-    """Seconds of the two local copies of src, each after a sync."""
-    seconds = {}
+SETTLE = 2.0  # seconds idle before each timed step (--settle)
+
+
+def settle() -> None:
+    """No dirty pages of the step before, and the same idle start for every step."""
     os.sync()
+    time.sleep(SETTLE)
+
+
+def copy_anchors(src: Path, scratch: Path) -> dict[str, float]:
+    """Seconds of the two local copies of src, each after settle()."""
+    seconds = {}
+    settle()
     t = time.perf_counter()
     subprocess.run(["cp", str(src), str(scratch)], check=True)
     seconds["cp"] = time.perf_counter() - t
     os.remove(scratch)
-    os.sync()
+    settle()
     t = time.perf_counter()
     with open(src, "rb") as f, open(scratch, "wb") as dst:
         while chunk := f.read(8 << 20):
@@ -327,7 +339,7 @@ def run_once(root: Path, size_mb: int, storage: str, repeat: int = 3, only_downl
         out = work / "out.safetensors"
 
         def step(name, fn, nb=nbytes):
-            os.sync()  # each step starts with no dirty pages of the one before
+            settle()
             with Meter(hub.pid) as m:
                 fn()
             samples.setdefault(name, []).append(
@@ -415,7 +427,7 @@ def run_front(root: Path, size_mb: int, front: str, body_buffer: str = "1m", rep
         out = work / "out.safetensors"
 
         def step(name, fn, nb=nbytes):
-            os.sync()
+            settle()
             front_cpu0 = cpu_seconds(nginx.pid)
             with Meter(hub.pid) as m:
                 fn()
@@ -471,17 +483,20 @@ def run_front(root: Path, size_mb: int, front: str, body_buffer: str = "1m", rep
 
 
 def main():
+    global SETTLE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, nargs="+", default=[512])
     ap.add_argument("--storage", choices=["fs", "s3"], nargs="+", default=["fs"])
     ap.add_argument("--root", type=Path, default=ROOT, help="the source tree to serve (default: this one)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of every step and anchor (the medians are shown)")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds idle after sync before each timed step")
     ap.add_argument("--only-downloads", action="store_true", help="upload and downloads only: no Range, no HF client")
     ap.add_argument("--front", choices=["nginx"], help="staged upload and download through this front server "
                     "(UPLOAD_ACCEL=nginx, BLOB_ACCEL=x-accel-redirect; filesystem blobs), beside a direct PUT")
     ap.add_argument("--body-buffer", default="1m", help="nginx client_body_buffer_size for --front (default 1m)")
     args = ap.parse_args()
+    SETTLE = args.settle
     print(f"root {args.root}  load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}  cores {os.cpu_count()}")
     print("MB = 10^6 bytes. Medians of --repeat rounds. cp: coreutils cp (kernel copy); rw: read/write 8 MiB "
           "through user space")
