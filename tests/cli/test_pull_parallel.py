@@ -44,3 +44,21 @@ def test_pull_one_file_at_a_time_when_asked(pushed, hubctl, adapter_dir, tmp_pat
     assert r.code == 0, r.err
     assert (tmp_path / "serial" / "adapter_model.safetensors").read_bytes() == \
         (adapter_dir / "adapter_model.safetensors").read_bytes()
+
+
+@live
+def test_pull_reads_the_socket_in_large_pieces(pushed, hubctl, adapter_dir, tmp_path, monkeypatch):  # noqa: F811
+    """hubctl asks httpcore for 1 MiB per read, not its 64 KiB (a trip through h11's parser each)."""
+    from httpcore._backends.sync import SyncStream
+
+    asked: list[int] = []
+    real_read = SyncStream.read
+
+    def read(self, max_bytes, timeout=None):
+        asked.append(max_bytes)
+        return real_read(self, max_bytes, timeout)
+
+    monkeypatch.setattr(SyncStream, "read", read)
+    r = hubctl("pull", "alice/skill", "-o", tmp_path / "large")
+    assert r.code == 0, r.err
+    assert asked and min(asked) >= 1024 * 1024, sorted(set(asked))
