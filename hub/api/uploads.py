@@ -3,14 +3,14 @@ request body, `HEAD` says whether the caller may already name it in a commit.
 
 `hubctl push` and `base add` send a folder's files this way, several at once,
 skipping those the hub has (a re-run resumes), then make one commit naming
-them by sha256 (`POST /api/v1/adapters/` or `base-models/` with JSON). The
-body goes through the same upload handler as a multipart file
-(`HashingUploadHandler`: spooled into the blob store's folder, counted, 413
-past `MAX_UPLOAD_BYTES`, hashed as it arrives), then is linked into the store.
+them by sha256 (`POST /api/v1/adapters/` or `base-models/` with JSON).
 
-A PUT with `Content-Range` is resumable (hub/registry/partial_uploads.py):
-its bytes are kept as they arrive, and HEAD's `Upload-Offset` tells a client
-that was cut off where to continue.
+Every PUT is resumable (hub/registry/partial_uploads.py): the body, the whole
+file or with `Content-Range` a part of it, is written to a partial file and
+hashed as it arrives (read off gunicorn's socket, hub/registry/request_body.py),
+413 past `MAX_UPLOAD_BYTES` before any byte is kept; a client cut off halfway
+learns from HEAD's `Upload-Offset` where to continue. The whole file is
+checked against the sha256 in the URL and linked into the store.
 
 With `UPLOAD_ACCEL=nginx` the front server stores the body itself and sends
 only its path (`X-Upload-File`) and length (`X-Upload-Length`): the hub
@@ -18,7 +18,6 @@ checks, hashes and links that file and never reads the body. Without the
 setting that header is refused, never followed (docs/deploy.md).
 """
 
-import io
 import os
 from contextlib import ExitStack
 
@@ -26,14 +25,19 @@ from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers
-from rest_framework.parsers import FileUploadParser
 from rest_framework.response import Response
 
 from hub.api.base import ApiView
 from hub.api.errors import error_response
 from hub.api.schema import error
 from hub.registry import services
-from hub.registry.partial_uploads import UploadConflict, parse_content_range, receive_range, received_bytes
+from hub.registry.partial_uploads import (
+    ContentRange,
+    UploadConflict,
+    parse_content_range,
+    receive_range,
+    received_bytes,
+)
 from hub.registry.request_body import body_reader
 from hub.registry.services import IncomingFile
 from hub.registry.uploads import UploadTooLarge, open_front_server_upload
@@ -41,14 +45,6 @@ from hub.registry.validation import ValidationError
 from hub.storage import hash_open_file
 
 SHA256 = r"[0-9a-f]{64}"
-
-
-class RawBodyParser(FileUploadParser):
-    """The whole body is the file, named after the sha256 in the URL (no
-    Content-Disposition needed), read by the configured upload handlers."""
-
-    def get_filename(self, stream, media_type, parser_context):
-        return parser_context["kwargs"]["sha256"]
 
 
 class StagedSerializer(serializers.Serializer):
@@ -62,10 +58,10 @@ class PartialSerializer(StagedSerializer):
 
 class Upload(ApiView):
     permission_classes = [permissions.IsAuthenticated]
-    parser_classes = [RawBodyParser]
+    parser_classes = []  # PUT streams its body itself (streams_body); nothing else has one
 
     def streams_body(self, request) -> bool:
-        return request.method == "PUT" and "HTTP_CONTENT_RANGE" in request.META
+        return request.method == "PUT"
 
     def initial(self, request, *args, **kwargs):
         # Before anything reads the body: a file name from the client is never followed.
@@ -91,32 +87,21 @@ class Upload(ApiView):
                     "stages it if every byte has arrived.",
     )
     def put(self, request, sha256):
-        if "HTTP_CONTENT_RANGE" in request.META:
-            try:
-                return self._put_range(request, sha256, parse_content_range(request.META["HTTP_CONTENT_RANGE"]))
-            except UploadConflict as e:
-                headers = {} if e.received is None else {"Upload-Offset": str(e.received)}
-                return error_response(e.code, e.detail, e.status, headers=headers)
-        if settings.UPLOAD_ACCEL == "nginx" and "HTTP_X_UPLOAD_FILE" in request.META:
-            return self._put_front_server_file(request, sha256, request.META["HTTP_X_UPLOAD_FILE"])
-        if not request.META.get("CONTENT_LENGTH"):  # a chunked body would read as empty
-            return Response({"error": "length_required", "detail": "Send the file with a Content-Length header."},
-                            status=411)
-        uploaded = request.FILES.get("file")
         try:
-            if uploaded is None:  # an empty body: an empty file
-                upload = IncomingFile(path=sha256, fileobj=io.BytesIO(b""))
-            else:
-                upload = IncomingFile(path=sha256, fileobj=uploaded, sha256=getattr(uploaded, "sha256", None),
-                                      size=uploaded.size)
-            if upload.size is not None and int(request.META["CONTENT_LENGTH"]) != upload.size:
-                raise ValidationError("incomplete_body", f"The body has {upload.size} bytes, not the "
-                                      f"{request.META['CONTENT_LENGTH']} its Content-Length says; nothing was kept.")
-            blob, created = services.stage_upload(user=request.user, sha256=sha256, upload=upload)
-        finally:
-            if uploaded is not None:
-                uploaded.close()  # the spooled temporary file: linked into the store or gone
-        return Response({"sha256": blob.sha256, "size": blob.size}, status=201 if created else 200)
+            if "HTTP_CONTENT_RANGE" in request.META:
+                rng = parse_content_range(request.META["HTTP_CONTENT_RANGE"])
+            elif settings.UPLOAD_ACCEL == "nginx" and "HTTP_X_UPLOAD_FILE" in request.META:
+                return self._put_front_server_file(request, sha256, request.META["HTTP_X_UPLOAD_FILE"])
+            elif not request.META.get("CONTENT_LENGTH", "").isdigit():  # a chunked body would read as empty
+                return Response({"error": "length_required",
+                                 "detail": "Send the file with a Content-Length header."}, status=411)
+            else:  # the whole file: the same resumable path, from byte 0 (an empty file has no byte range)
+                length = int(request.META["CONTENT_LENGTH"])
+                rng = ContentRange(0, length - 1, length) if length else ContentRange(None, None, 0)
+            return self._put_range(request, sha256, rng)
+        except UploadConflict as e:
+            headers = {} if e.received is None else {"Upload-Offset": str(e.received)}
+            return error_response(e.code, e.detail, e.status, headers=headers)
 
     def _put_range(self, request, sha256, rng):
         """A resumable part (hub/registry/partial_uploads.py): 202 with the bytes

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hfcompat.test_data_path import _nginx, nginx_binary
+from tests.hfcompat.test_data_path import _nginx, body_reads, nginx_binary
 
 
 def sha256(data: bytes) -> str:
@@ -197,11 +197,6 @@ def test_the_put_operation_keeps_its_schema(client):
 # --- through a real nginx in front of a real gunicorn ---------------------------------------------
 
 
-def _body_reads(tmp_path) -> int:
-    log = tmp_path / "body_reads.log"
-    return sum(int(n) for n in log.read_text().split()) if log.exists() else 0
-
-
 def _safetensors(n_floats: int, tail: bytes) -> bytes:
     header = json.dumps({"w": {"dtype": "F32", "shape": [n_floats], "data_offsets": [0, 4 * n_floats]}}).encode()
     header += b" " * (-len(header) % 8)
@@ -245,7 +240,7 @@ def test_nginx_stores_the_body_and_the_hub_links_it(offload_hub, staff_user, tok
     r = httpx.put(f"{url}/api/v1/uploads/{sha}", content=data, headers=auth, timeout=60)
     assert r.status_code == 201, r.text
     assert r.json() == {"sha256": sha, "size": len(data)}
-    assert _body_reads(tmp_path) == 0  # gunicorn read no byte of the body: nginx named its file
+    assert body_reads(tmp_path) == 0  # gunicorn read no byte of the body: nginx named its file
     blob = Path(settings.BLOB_ROOT) / blob_key(sha)
     assert blob.read_bytes() == data
     deadline = time.monotonic() + 5
@@ -258,7 +253,7 @@ def test_nginx_stores_the_body_and_the_hub_links_it(offload_hub, staff_user, tok
     r = httpx.put(f"{url}/api/v1/uploads/{sha}", content=data, timeout=60,
                   headers={**auth, "X-Upload-File": "/etc/passwd", "X-Upload-Length": "1"})
     assert r.status_code == 200, r.text
-    assert _body_reads(tmp_path) == 0
+    assert body_reads(tmp_path) == 0
 
     config = json.dumps({"architectures": ["LlamaForCausalLM"]}).encode()
     assert httpx.put(f"{url}/api/v1/uploads/{sha256(config)}", content=config, headers=auth).status_code == 201
@@ -273,10 +268,10 @@ def test_nginx_stores_the_body_and_the_hub_links_it(offload_hub, staff_user, tok
     # The instrument can tell: the same PUT straight to gunicorn (no nginx, no header) reads the body.
     upstream = _upstream(tmp_path)
     other = data[:-1] + bytes([data[-1] ^ 1])
-    before = _body_reads(tmp_path)  # the JSON commit's body went through gunicorn, as it should
+    before = body_reads(tmp_path)  # the JSON commit's body went through gunicorn, as it should
     r = httpx.put(f"{upstream}/api/v1/uploads/{sha256(other)}", content=other, headers=auth, timeout=60)
     assert r.status_code == 201, r.text
-    assert _body_reads(tmp_path) - before == len(other)
+    assert body_reads(tmp_path) - before == len(other)
 
 
 def test_nginx_a_wrong_sha256_is_a_400_and_nothing_is_stored(offload_hub, user, token_for, settings, tmp_path):
@@ -289,7 +284,7 @@ def test_nginx_a_wrong_sha256_is_a_400_and_nothing_is_stored(offload_hub, user, 
     r = httpx.put(f"{url}/api/v1/uploads/{wrong}", content=data, timeout=60,
                   headers={"Authorization": f"Bearer {token_for(user)}"})
     assert r.status_code == 400 and r.json()["error"] == "sha256_mismatch", r.text
-    assert _body_reads(tmp_path) == 0
+    assert body_reads(tmp_path) == 0
     for sha in (wrong, sha256(data)):
         assert not (Path(settings.BLOB_ROOT) / blob_key(sha)).exists()
         assert not Blob.objects.filter(sha256=sha).exists()
@@ -363,15 +358,15 @@ def test_nginx_carries_resumable_parts_too(offload_hub, user, token_for, setting
     r = httpx.put(f"{url}/api/v1/uploads/{sha256(whole)}", content=whole, timeout=60,
                   headers={**auth, "Content-Range": f"bytes 0-{len(whole) - 1}/{len(whole)}"})
     assert r.status_code == 201, r.text
-    assert _body_reads(tmp_path) == 0
+    assert body_reads(tmp_path) == 0
     assert (Path(settings.BLOB_ROOT) / blob_key(sha256(whole))).read_bytes() == whole
 
     data, sent = os.urandom(3 * 1024 * 1024 + 7), 1024 * 1024 + 3
     assert b"incomplete_body" in cut_off_put(_upstream(tmp_path), token_for(user), data, sent)  # cut at gunicorn
-    before = _body_reads(tmp_path)
+    before = body_reads(tmp_path)
     r = httpx.put(f"{url}/api/v1/uploads/{sha256(data)}", content=data[sent:], timeout=60,
                   headers={**auth, "Content-Range": f"bytes {sent}-{len(data) - 1}/{len(data)}"})
     assert r.status_code == 201, r.text
-    assert _body_reads(tmp_path) == before  # the rest came as nginx's file
+    assert body_reads(tmp_path) == before  # the rest came as nginx's file
     assert (Path(settings.BLOB_ROOT) / blob_key(sha256(data))).read_bytes() == data
     assert list((Path(settings.BLOB_ROOT) / ".partial").iterdir()) == []
