@@ -370,3 +370,33 @@ def test_nginx_carries_resumable_parts_too(offload_hub, user, token_for, setting
     assert body_reads(tmp_path) == before  # the rest came as nginx's file
     assert (Path(settings.BLOB_ROOT) / blob_key(sha256(data))).read_bytes() == data
     assert list((Path(settings.BLOB_ROOT) / ".partial").iterdir()) == []
+
+
+@pytest.fixture
+def offload_hub_s3(transactional_db, settings, tmp_path, blob_root, seaweedfs):
+    """nginx storing upload bodies in front of a gunicorn whose blobs are on S3 (SeaweedFS)."""
+    nginx_binary()
+    yield from _nginx(settings, tmp_path, {
+        "S3_BUCKET": seaweedfs["bucket"], "AWS_ENDPOINT_URL": seaweedfs["endpoint"], "AWS_ACCESS_KEY_ID": "hub",
+        "AWS_SECRET_ACCESS_KEY": "hub", "UPLOAD_ACCEL": "nginx",
+        "UPLOAD_ACCEL_ROOT": str(Path(settings.BLOB_ROOT) / ".nginx-body")})
+
+
+def test_nginx_stored_body_goes_to_s3_from_its_file(offload_hub_s3, seaweedfs, user, token_for, settings, tmp_path):
+    """With S3 blobs the hub sends nginx's file to the bucket (boto3's managed
+    upload from the path): gunicorn reads no byte of the body, nginx's file goes."""
+    from hub.storage import S3_PART, blob_key
+
+    url, _ = offload_hub_s3
+    data = os.urandom(S3_PART + 4321)  # two parts
+    r = httpx.put(f"{url}/api/v1/uploads/{sha256(data)}", content=data, timeout=60,
+                  headers={"Authorization": f"Bearer {token_for(user)}"})
+    assert r.status_code == 201, r.text
+    assert body_reads(tmp_path) == 0
+    obj = seaweedfs["client"].get_object(Bucket=seaweedfs["bucket"], Key=blob_key(sha256(data)))
+    assert obj["Body"].read() == data
+    deadline = time.monotonic() + 5
+    while _nginx_files(settings) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _nginx_files(settings) == []
+    assert not (Path(settings.BLOB_ROOT) / "sha256").exists()  # nothing landed on the filesystem store
