@@ -179,6 +179,18 @@ def _copy_file(src: BinaryIO, f: BinaryIO, length: int) -> int:
     return copied
 
 
+def _drop_if_empty(f: BinaryIO, path: Path) -> None:
+    """No byte held (a refused or empty request): no partial to report or to
+    collect. Only while the name is still this file's: a request may have
+    begun a new one under it since ours was finished."""
+    try:
+        ours = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return
+    if ours and not os.fstat(f.fileno()).st_size:
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class Received:
     """What one ranged PUT left: the bytes held so far, and the whole file's
@@ -201,39 +213,42 @@ def receive_range(user_id: int, sha256: str, rng: ContentRange, body=None,
     if rng.total > settings.MAX_UPLOAD_BYTES:
         raise UploadTooLarge(f"The upload is {rng.total} bytes; the limit is {settings.MAX_UPLOAD_BYTES} bytes.")
     with locked_partial(user_id, sha256) as (f, path):
-        have = os.fstat(f.fileno()).st_size
-        if have > rng.total:  # bytes of a different file under this name: they cannot be a prefix
-            f.truncate(0)
-            have = 0
-        if rng.start is not None:
-            if rng.start == 0 and have:
-                f.truncate(0)  # the client starts over on purpose
+        try:
+            have = os.fstat(f.fileno()).st_size
+            if have > rng.total:  # bytes of a different file under this name: they cannot be a prefix
+                f.truncate(0)
                 have = 0
-            elif rng.start != have:
-                raise UploadConflict("upload_offset_mismatch", f"The hub holds {have} bytes of this file; send "
-                                     f"from byte {have} (Content-Range: bytes {have}-{rng.total - 1}/{rng.total}).",
-                                     received=have)
-            h = _hash_prefix(f, have) if have else BackgroundHash()
-            f.seek(have)
-            if front_file is not None:
-                got = _copy_file(front_file, f, rng.length)
-                h = None  # the kernel copied it: hashed whole below
+            if rng.start is not None:
+                if rng.start == 0 and have:
+                    f.truncate(0)  # the client starts over on purpose
+                    have = 0
+                elif rng.start != have:
+                    raise UploadConflict("upload_offset_mismatch", f"The hub holds {have} bytes of this file; send "
+                                         f"from byte {have} (Content-Range: bytes {have}-{rng.total - 1}/{rng.total}).",
+                                         received=have)
+                h = _hash_prefix(f, have) if have else BackgroundHash()
+                f.seek(have)
+                if front_file is not None:
+                    got = _copy_file(front_file, f, rng.length)
+                    h = None  # the kernel copied it: hashed whole below
+                else:
+                    got = _copy_body(body, f, rng.length, h)
+                have += got
+                if got < rng.length:
+                    raise ValidationError("incomplete_body", f"The body ended after {got} of {rng.length} bytes; the "
+                                          f"hub keeps {have} bytes of this file: resume from byte {have}.")
             else:
-                got = _copy_body(body, f, rng.length, h)
-            have += got
-            if got < rng.length:
-                raise ValidationError("incomplete_body", f"The body ended after {got} of {rng.length} bytes; the "
-                                      f"hub keeps {have} bytes of this file: resume from byte {have}.")
-        else:
-            h = None
-        if have < rng.total:
-            yield Received(have, rng.total)
-            return
-        digest = h.hexdigest() if h is not None else hash_open_file(f)[0]
-        if digest != sha256:
+                h = None
+            if have < rng.total:
+                yield Received(have, rng.total)
+                return
+            digest = h.hexdigest() if h is not None else hash_open_file(f)[0]
+            if digest != sha256:
+                path.unlink(missing_ok=True)
+                raise ValidationError("sha256_mismatch", f"The file's sha256 is {digest}, not {sha256} as the URL "
+                                      "says; nothing was kept.", field="sha256")
+            f.seek(0)
+            yield Received(have, rng.total, complete=PartialFile(f, path), sha256=digest)
             path.unlink(missing_ok=True)
-            raise ValidationError("sha256_mismatch", f"The file's sha256 is {digest}, not {sha256} as the URL "
-                                  "says; nothing was kept.", field="sha256")
-        f.seek(0)
-        yield Received(have, rng.total, complete=PartialFile(f, path), sha256=digest)
-        path.unlink(missing_ok=True)
+        finally:
+            _drop_if_empty(f, path)

@@ -103,6 +103,7 @@ def test_star_range_reports_the_held_bytes_and_finishes_a_whole_partial(api, use
     sha = sha256(data)
     r = put_part(api, sha, b"", None, len(data))
     assert r.status_code == 202 and r.json()["received"] == 0
+    assert partials(blob_root) == []  # asking leaves nothing behind
     assert put_part(api, sha, data[:500], 0, len(data)).status_code == 202
     r = put_part(api, sha, b"", None, len(data))
     assert r.status_code == 202 and r.json()["received"] == 500 and r["Upload-Offset"] == "500"
@@ -137,7 +138,7 @@ def test_a_total_past_the_limit_is_a_413_before_any_byte_is_kept(api, settings, 
     assert partials(blob_root) == []
 
 
-def test_partials_are_each_users_own(api, client_for, other_user, blob_root):
+def test_partials_are_each_users_own(api, user, client_for, other_user, blob_root):
     data = os.urandom(50_000)
     sha = sha256(data)
     assert put_part(api, sha, data[:20_000], 0, len(data)).status_code == 202
@@ -145,6 +146,8 @@ def test_partials_are_each_users_own(api, client_for, other_user, blob_root):
     assert "Upload-Offset" not in mallory.head(f"/api/v1/uploads/{sha}")  # alice's bytes are not hers
     r = put_part(mallory, sha, data[20_000:], 20_000, len(data))
     assert r.status_code == 409 and r["Upload-Offset"] == "0"
+    assert "Upload-Offset" not in mallory.head(f"/api/v1/uploads/{sha}")  # her refused part left no partial
+    assert partials(blob_root) == [f"{user.pk}-{sha}"]
     assert put_part(client_for(None), sha, data, 0, len(data)).status_code in (401, 403)
     assert api.head(f"/api/v1/uploads/{sha}")["Upload-Offset"] == "20000"
 
