@@ -354,10 +354,17 @@ def run_once(root: Path, size_mb: int, storage: str, repeat: int = 3, only_downl
         lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
         for rnd in range(repeat):
             anchors.append(copy_anchors(weights, work / "copy.safetensors"))
-            # Every round uploads the same bytes under a new slug: the body is read,
-            # hashed and spooled in full each time (only the final link finds the blob).
-            step("upload", partial(curl, "-H", auth, "-F", f"slug=bench-base-{rnd}", "-F", f"files=@{weights}",
+            # Bytes new to the hub in every round (the first uploads the file the downloads read):
+            # the same bytes again would skip the store's write (S3: the whole multipart upload).
+            up = weights
+            if rnd:
+                up = work / "up" / weights.name
+                up.parent.mkdir(exist_ok=True)
+                flip_last_byte(weights, up, 100 + rnd)
+            step("upload", partial(curl, "-H", auth, "-F", f"slug=bench-base-{rnd}", "-F", f"files=@{up}",
                                    "-F", f"files=@{weights.parent / 'config.json'}", url + "/api/v1/base-models/"))
+            if rnd:
+                up.unlink()
             step("download", lambda: curl("-H", auth, "-o", str(out), file_url))
             assert out.stat().st_size == nbytes and sha256_file(out) == digest, "download differs from upload"
             out.unlink()
