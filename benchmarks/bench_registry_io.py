@@ -177,6 +177,20 @@ def start_weed(data: Path) -> subprocess.Popen:
     raise SystemExit(f"SeaweedFS did not start (are ports {sorted(WEED_PORTS.values())} free?)")
 
 
+def s3_put(path: Path, key: str) -> None:
+    """One file into the benchmark's bucket the way the hub stores a blob: boto3's
+    managed transfer with the hub's part size, parts in flight and checksum."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    part, in_flight = 16 * 1024 * 1024, 4  # hub/storage.py's S3_PART and S3_PARTS_IN_FLIGHT (it needs Django)
+    s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT, aws_access_key_id="hub", aws_secret_access_key="hub",
+                      region_name="us-east-1")
+    s3.upload_file(str(path), "bench", key, ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                   Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                                         max_concurrency=in_flight))
+
+
 def stop(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -354,6 +368,8 @@ def run_once(root: Path, size_mb: int, storage: str, repeat: int = 3, only_downl
         lo, hi = nbytes // 4, 3 * nbytes // 4 - 1
         for rnd in range(repeat):
             anchors.append(copy_anchors(weights, work / "copy.safetensors"))
+            if storage == "s3":  # what the S3 server takes from boto3 alone, as the hub sends a blob
+                step("S3 put alone (boto3)", partial(s3_put, weights, f"anchor/{rnd}"))
             # Bytes new to the hub in every round (the first uploads the file the downloads read):
             # the same bytes again would skip the store's write (S3: the whole multipart upload).
             up = weights
