@@ -161,8 +161,10 @@ def start_weed(data: Path) -> subprocess.Popen:
 
     weed = shutil.which("weed") or str(BIN / "weed")
     flags = [f"-{k}={v}" for k, v in WEED_PORTS.items()]
+    data.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-bucket=bench", *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=open(data / "weed.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            start_new_session=True)
     s3 = boto3.client("s3", endpoint_url=S3_ENDPOINT, aws_access_key_id="hub",
                       aws_secret_access_key="hub", region_name="us-east-1")
     for _ in range(180):
@@ -222,7 +224,8 @@ def start_hub(root: Path, env: dict, port: int):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "hub.cli.serve:embedded_app()", "-b", f"127.0.0.1:{port}",
          "--worker-class", "gthread", "--workers", "1", "--threads", "8", "--timeout", "900", *flags],
-        env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env, cwd=root, stdout=open(Path(env["HUB_HOME"]) / "gunicorn.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -418,6 +421,11 @@ def run_once(root: Path, size_mb: int, storage: str, repeat: int = 3, only_downl
         return {"size_mb": mb, "storage": storage, "copy_mb_s": copy_mb_s, "rw_copy_mb_s": rw_copy_mb_s,
                 "anchors_mb_s": [{k: round(mb / v) for k, v in a.items()} for a in anchors],
                 "steps": rows, "load": os.getloadavg()}
+    except BaseException:
+        for log in (work / "home" / "gunicorn.log", work / "weed" / "weed.log"):
+            if log.exists():
+                print(f"--- the tail of {log.name}:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+        raise
     finally:
         if hub is not None:
             stop(hub)
