@@ -12,8 +12,10 @@ left without a row by a crash.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -29,8 +31,11 @@ from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from hub.errors import HubError
 from hub.registry.models import Blob
 from hub.registry.validation import content_disposition
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 # Reads from S3 and copies between files go in pieces this large: few Python
@@ -44,6 +49,19 @@ PARTIAL_DIR = ".partial"  # under the blob root: resumable uploads cut off halfw
 # Files without a row younger than this are kept: an upload writes its file
 # before its row commits, and a large one may take a while.
 GC_GRACE_SECONDS = 3600
+
+
+class StorageFailed(HubError):
+    """The blob store did not take a blob's bytes (a full disk, an S3 server
+    that fails or refuses): 507 when it is full, else 503. The request's
+    transaction rolls back, so nothing refers to the missing bytes; a
+    resumable upload keeps its whole partial for `Content-Range: bytes */TOTAL`."""
+
+    def __init__(self, blob: Blob, reason: str, full: bool = False):
+        verb = "is full" if full else "failed"
+        super().__init__(f"The hub's blob store {verb} while storing {blob.sha256[:12]} ({reason[:300]}); "
+                         "nothing was kept. Try again later.",
+                         code="insufficient_storage" if full else "storage_unavailable", status=507 if full else 503)
 
 
 def blob_key(sha256: str) -> str:
@@ -223,8 +241,26 @@ class BlobBatch:
 
     @staticmethod
     def _write(fileobj: BinaryIO, blob: Blob) -> None:
-        """Store the bytes under blob.key: a link to a spooled file on the same
-        disk, a managed multipart upload on S3, else a copy through the storage."""
+        """Store the bytes under blob.key; a store that fails the write is a
+        StorageFailed (503, or 507 when it is full), never a 500."""
+        try:
+            BlobBatch._write_to_store(fileobj, blob)
+        except StorageFailed:
+            raise
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.exception("blob %s: the filesystem store failed the write", blob.sha256)
+            raise StorageFailed(blob, str(e), full=full) from e
+        except Exception as e:  # boto3/botocore: any failure of the S3 client is the store's
+            if not is_s3():
+                raise
+            log.exception("blob %s: the S3 store failed the write", blob.sha256)
+            raise StorageFailed(blob, f"{type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _write_to_store(fileobj: BinaryIO, blob: Blob) -> None:
+        """A link to a spooled file on the same disk, a managed multipart upload
+        on S3, else a copy through the storage."""
         if callable(flush := getattr(fileobj, "flush", None)):
             flush()  # the link and upload_file read the file by its path, not through this object
         if is_s3():

@@ -447,6 +447,46 @@ def test_s3_multipart_upload_and_ranged_proxy(s3_storage, transactional_db, clie
     assert peak < 8 * 1024 * 1024, f"{peak} bytes held to read a few bytes of a {len(payload)}-byte object"
 
 
+def test_a_store_that_fails_the_write_is_a_503_and_the_whole_partial_waits(s3_storage, transactional_db,
+                                                                           client_for, user, staff_user, settings):
+    """A real S3 fault (the bucket is gone): the staged PUT and the multipart
+    form answer 503 `storage_unavailable`, keep no row, and the resumable
+    upload keeps its whole file: once the store is back, `bytes */TOTAL`
+    stages it without the bytes travelling again."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from hub.registry.models import Blob, StagedUpload
+    from hub.storage import S3_PART, blob_key, partial_upload_dir
+
+    payload = os.urandom(S3_PART + 77)
+    sha = hashlib.sha256(payload).hexdigest()
+    api = client_for(user)
+    good = settings.STORAGES
+    settings.STORAGES = {**good, "default": {**good["default"], "OPTIONS": {
+        **good["default"]["OPTIONS"], "bucket_name": "no-such-bucket"}}}
+    r = api.generic("PUT", f"/api/v1/uploads/{sha}", payload, content_type="application/octet-stream")
+    assert r.status_code == 503, r.content
+    assert r.json()["error"] == "storage_unavailable" and "nothing was kept" in r.json()["detail"]
+    assert not Blob.objects.exists() and not StagedUpload.objects.exists()
+    assert (partial_upload_dir() / f"{user.pk}-{sha}").stat().st_size == len(payload)
+    assert api.head(f"/api/v1/uploads/{sha}")["Upload-Offset"] == str(len(payload))
+    n = 1024
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    weights = len(header).to_bytes(8, "little") + header + os.urandom(4 * n)
+    r = client_for(staff_user).post("/api/v1/base-models/", {"slug": "nowhere", "files": [
+        SimpleUploadedFile("model.safetensors", weights), SimpleUploadedFile("config.json", b"{}")]},
+        format="multipart")
+    assert r.status_code == 503 and r.json()["error"] == "storage_unavailable", r.content
+    assert not Blob.objects.exists()
+
+    settings.STORAGES = good  # the store is back
+    r = api.generic("PUT", f"/api/v1/uploads/{sha}", b"", content_type="application/octet-stream",
+                    HTTP_CONTENT_RANGE=f"bytes */{len(payload)}")
+    assert r.status_code == 201, r.content
+    got = s3_storage["client"].get_object(Bucket=s3_storage["bucket"], Key=blob_key(sha))["Body"].read()
+    assert got == payload
+
+
 def test_s3_resumable_upload_is_kept_on_disk_then_sent_in_parts(s3_storage, transactional_db, client_for, user,
                                                                 settings):
     from hub.storage import S3_PART, blob_key, partial_upload_dir
