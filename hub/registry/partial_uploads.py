@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
-from django.core.files import File
 
 from hub.errors import HubError
-from hub.registry.uploads import BackgroundHash, UploadTooLarge
+from hub.registry.uploads import BackgroundHash, PathNamedFile, UploadTooLarge
 from hub.registry.validation import ValidationError
 from hub.storage import BIG_CHUNK, hash_open_file, partial_upload_dir
 
@@ -86,18 +85,6 @@ def received_bytes(user_id: int, sha256: str) -> int | None:
         return partial_path(user_id, sha256).stat().st_size
     except FileNotFoundError:
         return None
-
-
-class PartialFile(File):
-    """The finished partial, named by its path (`temporary_file_path`) so the
-    blob store commits it like a spool of ours: a link, or an upload from the path."""
-
-    def __init__(self, file: BinaryIO, path: Path):
-        super().__init__(file, name=str(path))
-        self._path = str(path)
-
-    def temporary_file_path(self) -> str:
-        return self._path
 
 
 @contextmanager
@@ -198,7 +185,7 @@ class Received:
 
     received: int
     total: int
-    complete: PartialFile | None = None
+    complete: PathNamedFile | None = None
     sha256: str | None = None
 
 
@@ -248,7 +235,7 @@ def receive_range(user_id: int, sha256: str, rng: ContentRange, body=None,
                 raise ValidationError("sha256_mismatch", f"The file's sha256 is {digest}, not {sha256} as the URL "
                                       "says; nothing was kept.", field="sha256")
             f.seek(0)
-            yield Received(have, rng.total, complete=PartialFile(f, path), sha256=digest)
+            yield Received(have, rng.total, complete=PathNamedFile(f, str(path)), sha256=digest)
             path.unlink(missing_ok=True)
         finally:
             _drop_if_empty(f, path)

@@ -109,13 +109,13 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
         return f
 
 
-class FrontServerUpload(File):
-    """A request body the front server stored itself (nginx's
-    `client_body_in_file_only`), opened by the hub. Like a SpooledUpload it
-    names its file (`temporary_file_path`), so the blob store commits it the
-    same way: a hard link on the filesystem, a managed upload from the path
-    on S3. nginx removes its own name after the request; the link keeps the
-    bytes, and a refused upload leaves nothing but nginx's file, which goes too."""
+class PathNamedFile(File):
+    """An open file that names its path (`temporary_file_path`), like a
+    SpooledUpload, so the blob store commits it the same way: a hard link on
+    the filesystem, a managed upload from the path on S3. Used for a body the
+    front server stored itself (nginx's `client_body_in_file_only`; nginx
+    removes its own name after the request, the link keeps the bytes) and for
+    a finished resumable upload's partial file."""
 
     def __init__(self, file, path: str):
         super().__init__(file, name=path)
@@ -125,7 +125,7 @@ class FrontServerUpload(File):
         return self._path
 
 
-def open_front_server_upload(path: str) -> FrontServerUpload:
+def open_front_server_upload(path: str) -> PathNamedFile:
     """The file the front server named in X-Upload-File (only trusted with
     UPLOAD_ACCEL on): a regular file under UPLOAD_ACCEL_ROOT once every
     symbolic link and `..` in its path is resolved, else a 400 `bad_upload_file`."""
@@ -146,4 +146,4 @@ def open_front_server_upload(path: str) -> FrontServerUpload:
         raise ValidationError("bad_upload_file", "The front server named something other than a regular file; "
                               "nothing was kept.")
     os.set_blocking(fd, True)
-    return FrontServerUpload(os.fdopen(fd, "rb"), real)
+    return PathNamedFile(os.fdopen(fd, "rb"), real)
